@@ -1,0 +1,103 @@
+"""Adapter files in Hugging Face PEFT's layout: ``adapter_model.safetensors`` holds
+``base_model.model.<module>.lora_A.weight`` (r x in) and ``...lora_B.weight`` (out x r);
+``adapter_config.json`` holds the LoraConfig fields. A PEFT user can load one, and PEFT-written
+LoRA adapters load here."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from torch import nn
+
+from loralab.errors import ArtifactError
+from loralab.files import write_json, write_safetensors
+from loralab.lora import inject_lora, load_lora_state_dict, lora_layers, lora_state_dict
+from loralab.weights import fingerprint, read_safetensors
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_FILE = "adapter_model.safetensors"
+CONFIG_FILE = "adapter_config.json"
+PEFT_PREFIX = "base_model.model."
+
+
+def to_peft_key(name: str) -> str:
+    return f"{PEFT_PREFIX}{name}.weight"
+
+
+def from_peft_key(key: str) -> str:
+    name = key.removeprefix(PEFT_PREFIX).removesuffix(".weight")
+    return name.replace(".lora_A.default", ".lora_A").replace(".lora_B.default", ".lora_B")
+
+
+def save_adapter(model: nn.Module, directory: str | Path, sizes: list[int]) -> dict[str, Path]:
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("the model carries no LoRA adapter to save")
+    first = next(iter(layers.values()))
+    directory = Path(directory)
+    config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": None,
+        "r": first.rank,
+        "lora_alpha": first.alpha,
+        "target_modules": list(layers),
+        "lora_dropout": getattr(first.lora_dropout, "p", 0.0),
+        "bias": "none",
+        "use_rslora": first.rslora,
+        "init_lora_weights": True if first.init == "kaiming" else "gaussian",
+        "fan_in_fan_out": False,
+        "modules_to_save": None,
+        "inference_mode": True,
+    }
+    meta = {"format": "pt", "base_sha256": fingerprint(model), "model": json.dumps({"sizes": list(sizes)})}
+    tensors = {to_peft_key(name): t for name, t in lora_state_dict(model).items()}
+    return {
+        "adapter": write_safetensors(directory / WEIGHTS_FILE, tensors, meta),
+        "adapter_config": write_json(directory / CONFIG_FILE, config),
+    }
+
+
+def read_adapter_config(directory: Path) -> dict:
+    path = directory / CONFIG_FILE
+    if not path.exists():
+        raise ArtifactError(f"no {CONFIG_FILE} in {directory}; pass a directory written by save_adapter or PEFT")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ArtifactError(f"{path} is not valid JSON ({err}); restore it or save the adapter again") from None
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+        found = config.get("peft_type") if isinstance(config, dict) else type(config).__name__
+        raise ArtifactError(f"{path} has peft_type {found!r}; only LoRA adapters (peft_type \"LORA\") are supported")
+    for key in ("r", "lora_alpha", "target_modules"):
+        if key not in config:
+            raise ArtifactError(f"{path} lacks {key!r}; it is not a complete LoRA adapter config")
+    return config
+
+
+def load_adapter(model: nn.Module, directory: str | Path) -> dict:
+    """Inject and fill the adapter saved in ``directory``; return its config.
+
+    Refuses an adapter whose shapes do not fit ``model``; warns when only the base differs.
+    """
+    directory = Path(directory)
+    config = read_adapter_config(directory)
+    tensors, meta = read_safetensors(directory / WEIGHTS_FILE, "adapter")
+    state = {from_peft_key(k): t for k, t in tensors.items()}
+    try:
+        inject_lora(
+            model,
+            config["target_modules"],
+            rank=int(config["r"]),
+            alpha=float(config["lora_alpha"]),
+            rslora=bool(config.get("use_rslora", False)),
+        )
+        load_lora_state_dict(model, state)
+    except ValueError as err:
+        raise ArtifactError(f"adapter in {directory} does not fit this base model: {err}") from None
+    if meta.get("base_sha256") and meta["base_sha256"] != fingerprint(model):
+        log.warning("adapter in %s was trained on another base (sha256 %s…); loading it anyway", directory, meta["base_sha256"][:12])
+    return config

@@ -1,0 +1,104 @@
+"""The LightningModule: cross-entropy, Adam, and per-digit metrics from torchmetrics.
+
+Metric names are ``split/name``: ``val/acc``, ``test/err_d9``, ``test/wrong_target``. "target"
+means the digits being trained on, "other" the rest, so forgetting shows up on its own curve.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import matplotlib
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+
+matplotlib.use("Agg")  # figures go to TensorBoard, never to a screen
+
+NUM_CLASSES = 10
+
+
+def digit_metrics() -> MetricCollection:
+    return MetricCollection(
+        {
+            "acc": MulticlassAccuracy(NUM_CLASSES, average="micro"),
+            "digit_acc": MulticlassAccuracy(NUM_CLASSES, average=None),
+            "confmat": MulticlassConfusionMatrix(NUM_CLASSES),
+        }
+    )
+
+
+class Classifier(L.LightningModule):
+    def __init__(self, model: nn.Module, lr: float = 1e-3, target_digits: list[int] | None = None):
+        super().__init__()
+        self.model, self.lr = model, lr
+        self.target_digits = list(range(NUM_CLASSES)) if target_digits is None else sorted(target_digits)
+        self.val_metrics = digit_metrics()
+        self.test_metrics = digit_metrics()
+        self.test_prefix = "test"  # the fine-tune stage tests a second time as "test_base"
+        self.last_test: dict | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def configure_optimizers(self):
+        # Only what is trainable: under LoRA the callback has frozen all but the lora_ parameters.
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        return torch.optim.Adam(trainable, lr=self.lr)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        self.log("val/loss", F.cross_entropy(logits, y))
+        self.val_metrics.update(logits, y)
+
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        self.test_metrics.update(self(x), y)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_dict(self.summarise(self.val_metrics.compute(), "val"))
+        self.val_metrics.reset()
+
+    def on_test_epoch_end(self) -> None:
+        values = self.test_metrics.compute()
+        self.log_dict(self.summarise(values, self.test_prefix))
+        self.log_confusion_figure(values["confmat"], f"{self.test_prefix}/confusion_matrix")
+        self.test_metrics.reset()
+
+    def summarise(self, values: dict[str, torch.Tensor], split: str) -> dict[str, float]:
+        """Scalars to log for one split; also keeps wrong/count lists of a test for metrics.json."""
+        confmat = values["confmat"]
+        count = confmat.sum(dim=1)
+        wrong = count - confmat.diagonal()
+        target = torch.zeros(NUM_CLASSES, dtype=torch.bool, device=confmat.device)
+        target[self.target_digits] = True
+        out = {f"{split}/acc": values["acc"].item()}
+        for d in range(NUM_CLASSES):
+            out[f"{split}/err_d{d}"] = 1.0 - values["digit_acc"][d].item()
+            out[f"{split}/wrong_d{d}"] = float(wrong[d])
+        for group, mask in (("target", target), ("other", ~target)):
+            if mask.any():
+                out[f"{split}/wrong_{group}"] = float(wrong[mask].sum())
+                out[f"{split}/err_{group}"] = float(wrong[mask].sum() / count[mask].sum().clamp(min=1))
+        if split != "val":
+            self.last_test = {
+                "acc": out[f"{split}/acc"],
+                "wrong": [int(w) for w in wrong.tolist()],
+                "count": [int(c) for c in count.tolist()],
+            }
+        return out
+
+    def log_confusion_figure(self, confmat: torch.Tensor, tag: str) -> None:
+        experiment = getattr(self.logger, "experiment", None)
+        if not hasattr(experiment, "add_figure"):
+            return
+        fig, _ = self.test_metrics["confmat"].plot(val=confmat, labels=[str(d) for d in range(NUM_CLASSES)])
+        experiment.add_figure(tag, fig, global_step=self.global_step)  # closes the figure

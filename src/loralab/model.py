@@ -1,0 +1,27 @@
+"""The MLP being adapted. Layers are named ``linear1..N`` so LoRA targets and adapter keys match
+the seeds' ExpensiveNet (784-1000-2000-10, 2,807,010 parameters)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class MLP(nn.Module):
+    def __init__(self, sizes: list[int]):
+        super().__init__()
+        self.sizes = [int(n) for n in sizes]
+        for i, (n_in, n_out) in enumerate(zip(self.sizes, self.sizes[1:]), start=1):
+            setattr(self, f"linear{i}", nn.Linear(n_in, n_out))
+        self.relu = nn.ReLU()
+
+    @property
+    def layers(self) -> list[nn.Module]:
+        return [getattr(self, f"linear{i}") for i in range(1, len(self.sizes))]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.reshape(-1, self.sizes[0])
+        *hidden, last = self.layers
+        for layer in hidden:
+            x = self.relu(layer(x))
+        return last(x)

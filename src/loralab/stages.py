@@ -1,0 +1,189 @@
+"""The stages users run: ``pretrain`` trains the base on all digits, ``finetune`` adapts it with
+LoRA on a digit subset. Each writes metrics.json, the contract with users, scripts and tests."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import DictConfig, OmegaConf
+
+from loralab.adapter import save_adapter
+from loralab.callbacks import LoRAFinetuning
+from loralab.classifier import Classifier
+from loralab.data import MNISTDataModule
+from loralab.files import write_json
+from loralab.lora import count_parameters, lora_layers, set_lora_enabled
+from loralab.model import MLP
+from loralab.report import digit_table, split_wrong
+from loralab.validate import check_digits
+from loralab.weights import BASE_FILE, load_base, resolve_base, save_base
+
+log = logging.getLogger(__name__)
+
+PACKAGES = ("loralab", "torch", "lightning", "torchmetrics", "hydra-core", "safetensors")
+
+
+def make_datamodule(cfg: DictConfig, digits: list[int]) -> MNISTDataModule:
+    return MNISTDataModule(
+        data_dir=cfg.data_dir,
+        digits=digits,
+        batch_size=cfg.data.batch_size,
+        eval_batch_size=cfg.data.eval_batch_size,
+        val_size=cfg.data.val_size,
+        replay=cfg.data.replay,
+        seed=cfg.seed,
+    )
+
+
+def make_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, checkpoint: bool) -> L.Trainer:
+    # Event files go straight into the run dir, so `tensorboard --logdir outputs` names runs by path.
+    logger = TensorBoardLogger(save_dir=str(run_dir), name="", version="", default_hp_metric=False)
+    if checkpoint:
+        callbacks = [*callbacks, ModelCheckpoint(dirpath=run_dir / "checkpoints", save_top_k=0, save_last=True)]
+    return L.Trainer(
+        **OmegaConf.to_container(cfg.trainer, resolve=True),
+        logger=logger,
+        callbacks=callbacks,
+        enable_checkpointing=checkpoint,
+        default_root_dir=str(run_dir),
+    )
+
+
+def timed(fn, *args, **kwargs) -> float:
+    start = time.perf_counter()
+    fn(*args, **kwargs)
+    return time.perf_counter() - start
+
+
+def provenance() -> dict:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"versions": versions, "git_commit": commit}
+
+
+def log_hparams(trainer: L.Trainer, cfg: DictConfig, metrics: dict) -> None:
+    """One HParams entry per run, with its final results, so TensorBoard compares runs side by side."""
+    hparams = {
+        "stage": cfg.stage.name, "model": cfg.model.name, "seed": cfg.seed, "lr": cfg.optim.lr,
+        "batch_size": cfg.data.batch_size, "digits": " ".join(map(str, metrics["digits"])),
+        "max_steps": cfg.trainer.max_steps, "max_epochs": cfg.trainer.max_epochs or -1, "replay": cfg.data.replay,
+    }
+    if metrics.get("lora"):
+        hparams.update({f"lora.{k}": v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in metrics["lora"].items()})
+    before = metrics.get("test_base", metrics["test"])
+    (tb, ob), (ta, oa) = split_wrong(before, metrics["digits"]), split_wrong(metrics["test"], metrics["digits"])
+    results = {"hp/test_acc": metrics["test"]["acc"], "hp/target_wrong": ta, "hp/other_wrong": oa, "hp/forgetting": oa - ob}
+    trainer.logger.log_hyperparams(hparams, results)
+    trainer.logger.save()
+
+
+def base_metrics(cfg: DictConfig, model: MLP, digits: list[int]) -> dict:
+    return {
+        "stage": cfg.stage.name,
+        "status": "ok",
+        "model": {"name": cfg.model.name, "sizes": list(model.sizes)},
+        "digits": digits,
+        "seed": cfg.seed,
+        "params": count_parameters(model),
+    }
+
+
+def pretrain(cfg: DictConfig, run_dir: Path) -> dict:
+    digits = check_digits(cfg.data.digits)
+    datamodule = make_datamodule(cfg, digits)
+    model = MLP(list(cfg.model.sizes))
+    module = Classifier(model, lr=cfg.optim.lr, target_digits=digits)
+    trainer = make_trainer(cfg, run_dir, [], checkpoint=True)
+    fit_s = timed(trainer.fit, module, datamodule=datamodule)
+    test_s = timed(trainer.test, module, datamodule=datamodule, verbose=False)
+    sha = save_base(model, run_dir / BASE_FILE, cfg.model.name)
+    metrics = base_metrics(cfg, model, digits) | {
+        "test": module.last_test,
+        "base_sha256": sha,
+        "seconds": {"fit": fit_s, "test": test_s},
+        "artifacts": {
+            "base": str(run_dir / BASE_FILE),
+            "checkpoint": str(run_dir / "checkpoints" / "last.ckpt") if (run_dir / "checkpoints" / "last.ckpt").exists() else None,
+            "tensorboard": str(run_dir),
+        },
+    }
+    log_hparams(trainer, cfg, metrics)
+    print(f"\nPretrained {cfg.model.name} on MNIST, test set (10,000 images):\n{digit_table(module.last_test)}")
+    return metrics
+
+
+def finetune(cfg: DictConfig, run_dir: Path) -> dict:
+    digits = check_digits(cfg.data.digits)
+    sizes = list(cfg.model.sizes)
+    base_path = resolve_base(cfg.base, cfg.output_root, sizes)
+    model, base_meta = load_base(base_path, sizes)
+    log.info("fine-tuning base %s", base_path)
+    datamodule = make_datamodule(cfg, digits)
+    module = Classifier(model, lr=cfg.optim.lr, target_digits=digits)
+    lora = LoRAFinetuning(**OmegaConf.to_container(cfg.lora, resolve=True))
+    trainer = make_trainer(cfg, run_dir, [lora], checkpoint=False)
+    fit_s = timed(trainer.fit, module, datamodule=datamodule)
+
+    test_s = timed(trainer.test, module, datamodule=datamodule, verbose=False)
+    test = module.last_test
+    set_lora_enabled(model, False)
+    module.test_prefix = "test_base"
+    trainer.test(module, datamodule=datamodule, verbose=False)
+    test_base = module.last_test
+    set_lora_enabled(model, True)
+    module.test_prefix = "test"
+
+    if base_meta.get("weights_sha256") not in (None, lora.base_sha256):
+        log.warning("%s records weights sha256 %s but holds %s: the file was changed after pretraining",
+                    base_path, base_meta["weights_sha256"][:12], lora.base_sha256[:12])
+    layer = next(iter(lora_layers(model).values()))
+    artifacts = save_adapter(model, run_dir, sizes)
+    (tb, ob), (ta, oa) = split_wrong(test_base, digits), split_wrong(test, digits)
+    metrics = base_metrics(cfg, model, digits) | {
+        "method": "lora",
+        "test": test,
+        "test_base": test_base,
+        "forgetting": oa - ob,
+        "lora": {
+            "rank": layer.rank, "alpha": layer.alpha, "scale": layer.scale,
+            "targets": list(cfg.lora.targets) if not isinstance(cfg.lora.targets, str) else cfg.lora.targets,
+            "dropout": cfg.lora.dropout, "init": cfg.lora.init, "rslora": cfg.lora.rslora,
+        },
+        "base": str(base_path),
+        "base_sha256": lora.base_sha256,
+        "base_unchanged": lora.base_unchanged,
+        "seconds": {"fit": fit_s, "test": test_s},
+        "artifacts": {k: str(v) for k, v in artifacts.items()} | {"tensorboard": str(run_dir)},
+    }
+    log_hparams(trainer, cfg, metrics)
+    print(f"\nLoRA fine-tune on digits {digits} (rank {layer.rank}, alpha {layer.alpha:g}), test set, base -> LoRA:")
+    print(digit_table(test, before=test_base, digits=digits))
+    return metrics
+
+
+STAGES = {"pretrain": pretrain, "finetune": finetune}
+
+
+def run_stage(cfg: DictConfig, run_dir: Path) -> dict:
+    torch.set_flush_denormal(bool(cfg.flush_denormal))
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    metrics = STAGES[cfg.stage.name](cfg, run_dir)
+    metrics |= provenance() | {"config": OmegaConf.to_container(cfg, resolve=True)}
+    write_json(run_dir / "metrics.json", metrics)
+    return metrics

@@ -1,0 +1,106 @@
+"""One validation step over the composed config, run before any data, training or file writing.
+
+Each problem is reported as one line naming the field, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+from omegaconf import DictConfig, ListConfig
+
+from loralab.errors import ConfigError
+from loralab.lora import INITS, resolve_targets
+from loralab.model import MLP
+
+STAGES = ("pretrain", "finetune")
+
+
+def _bad(field: str, value, allowed: str) -> ConfigError:
+    return ConfigError(f"{field}={value!r} is invalid: {allowed}")
+
+
+def _int(field: str, value, low: int, high: int | None = None) -> None:
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high)
+    if not ok:
+        raise _bad(field, value, f"expected an integer {'≥ ' + str(low) if high is None else f'from {low} to {high}'}")
+
+
+def _number(field: str, value, low: float, high: float | None = None, low_open: bool = False, high_open: bool = True) -> None:
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if ok:
+        ok = (value > low if low_open else value >= low) and (high is None or (value < high if high_open else value <= high))
+    if not ok:
+        lo = f"{'>' if low_open else '≥'} {low:g}"
+        hi = "" if high is None else f" and {'<' if high_open else '≤'} {high:g}"
+        raise _bad(field, value, f"expected a number {lo}{hi}")
+
+
+def check_digits(value) -> list[int]:
+    if not isinstance(value, (list, ListConfig)):
+        raise _bad("data.digits", value, "expected a list of digits 0-9, e.g. data.digits=[3,5] or digits=nine")
+    digits = list(value)
+    if not digits:
+        raise _bad("data.digits", digits, "the list is empty; name at least one digit 0-9")
+    for d in digits:
+        if isinstance(d, bool) or not isinstance(d, int) or not 0 <= d <= 9:
+            raise _bad("data.digits", digits, f"{d!r} is not a digit 0-9")
+    if len(set(digits)) != len(digits):
+        raise _bad("data.digits", digits, "each digit may appear once")
+    return sorted(digits)
+
+
+def check_model(model: DictConfig) -> None:
+    sizes = model.get("sizes")
+    if not isinstance(sizes, (list, ListConfig)) or len(sizes) < 2:
+        raise _bad("model.sizes", sizes, "expected a list of layer sizes like [784, 1000, 2000, 10]")
+    for n in sizes:
+        _int("model.sizes", n, 1)
+    if sizes[0] != 784 or sizes[-1] != 10:
+        raise _bad("model.sizes", list(sizes), "MNIST needs 784 inputs and 10 outputs")
+
+
+def check_lora(lora: DictConfig, sizes: list[int]) -> None:
+    targets = lora.get("targets")
+    if isinstance(targets, ListConfig):
+        targets = list(targets)
+    if not isinstance(targets, (str, list)) or not all(isinstance(t, str) for t in (targets if isinstance(targets, list) else [])):
+        raise _bad("lora.targets", targets, "expected a list of layer names or one regex string")
+    with torch.device("meta"):
+        model = MLP(sizes)  # shapes only: no memory, no initialisation cost
+    try:
+        names = resolve_targets(model, targets)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    max_rank = min(min(model.get_submodule(n).in_features, model.get_submodule(n).out_features) for n in names)
+    _int("lora.rank", lora.get("rank"), 1, max_rank)
+    _number("lora.alpha", lora.get("alpha"), 0, low_open=True)
+    _number("lora.dropout", lora.get("dropout"), 0, 1)
+    if lora.get("init") not in INITS:
+        raise _bad("lora.init", lora.get("init"), f"expected one of {', '.join(INITS)}")
+    if not isinstance(lora.get("rslora"), bool):
+        raise _bad("lora.rslora", lora.get("rslora"), "expected true or false")
+
+
+def check_config(cfg: DictConfig) -> None:
+    stage = cfg.stage.name
+    if stage not in STAGES:
+        raise _bad("stage.name", stage, f"expected one of {', '.join(STAGES)}")
+    check_model(cfg.model)
+    check_digits(cfg.data.digits)
+    _int("data.batch_size", cfg.data.batch_size, 1)
+    _int("data.eval_batch_size", cfg.data.eval_batch_size, 1)
+    _int("data.val_size", cfg.data.val_size, 1, 59999)
+    _number("data.replay", cfg.data.replay, 0, 1)
+    _number("optim.lr", cfg.optim.lr, 0, low_open=True)
+    _int("seed", cfg.seed, 0)
+    max_steps = cfg.trainer.get("max_steps", -1)
+    if max_steps != -1:
+        _int("trainer.max_steps", max_steps, 1)
+    if cfg.trainer.get("max_epochs") is not None:
+        _int("trainer.max_epochs", cfg.trainer.max_epochs, 1)
+    if cfg.trainer.get("accelerator") in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError("accelerator=gpu but no CUDA GPU is visible; use accelerator=cpu (or auto)")
+    if stage == "finetune":
+        check_lora(cfg.lora, list(cfg.model.sizes))

@@ -1,0 +1,103 @@
+"""Base-model weights: saved as safetensors with the model's sizes and a content fingerprint in
+the metadata, found again by path or as the most recent pretrain run."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from loralab.errors import ArtifactError
+from loralab.files import write_safetensors
+from loralab.lora import is_lora_name
+from loralab.model import MLP
+
+log = logging.getLogger(__name__)
+
+BASE_FILE = "base.safetensors"
+
+
+def base_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The base model's tensors under their plain names, whether or not adapters are injected."""
+    return {
+        name.replace(".base_layer.", "."): t
+        for name, t in model.state_dict().items()
+        if not is_lora_name(name)
+    }
+
+
+def fingerprint(model: nn.Module) -> str:
+    """sha256 over the base tensors (names, dtypes, shapes, bytes): equal iff the base is unchanged."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(base_state(model).items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def save_base(model: MLP, path: str | Path, name: str) -> str:
+    sha = fingerprint(model)
+    meta = {"format": "pt", "model": json.dumps({"name": name, "sizes": model.sizes}), "weights_sha256": sha}
+    write_safetensors(path, base_state(model), meta)
+    return sha
+
+
+def read_safetensors(path: Path, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {k: handle.get_tensor(k) for k in handle.keys()}, handle.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ArtifactError(f"{path} is not a readable safetensors {what} ({err}); pass a file written by loralab") from None
+
+
+def load_base(path: str | Path, sizes: list[int]) -> tuple[MLP, dict]:
+    """Build an MLP of ``sizes`` and fill it from ``path``; any mismatch is an ArtifactError."""
+    path = Path(path)
+    tensors, meta = read_safetensors(path, "base model")
+    stored = json.loads(meta.get("model", "{}")).get("sizes")
+    if stored is not None and list(stored) != list(sizes):
+        raise ArtifactError(
+            f"{path} holds a {'-'.join(map(str, stored))} model but the configured model is "
+            f"{'-'.join(map(str, sizes))}; pick the matching model=... or another base"
+        )
+    model = MLP(sizes)
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[-1].strip()
+        raise ArtifactError(f"{path} does not fit a {'-'.join(map(str, sizes))} MLP ({first})") from None
+    return model, meta
+
+
+def resolve_base(base: str | None, output_root: str | Path, sizes: list[int]) -> Path:
+    """The base weights file: ``base`` as a file or run dir, else the newest matching pretrain run."""
+    if base is not None:
+        path = Path(base)
+        if path.is_dir():
+            path = path / BASE_FILE
+            if not path.exists():
+                raise ArtifactError(f"base={base} is a directory with no {BASE_FILE}; pass a pretrain run dir or a .safetensors file")
+        elif not path.exists():
+            raise ArtifactError(f"base={base} does not exist; pass a pretrain run dir or a .safetensors file")
+        return path
+    runs = []
+    for metrics_file in Path(output_root).glob("**/metrics.json"):
+        try:
+            metrics = json.loads(metrics_file.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        weights = metrics_file.parent / BASE_FILE
+        if metrics.get("stage") == "pretrain" and metrics.get("model", {}).get("sizes") == list(sizes) and weights.exists():
+            runs.append((metrics_file.stat().st_mtime, weights))
+    if not runs:
+        raise ArtifactError(
+            f"no pretrained {'-'.join(map(str, sizes))} base under {output_root}/; "
+            "run `python train.py stage=pretrain` first, or pass base=<run dir>"
+        )
+    return max(runs)[1]
