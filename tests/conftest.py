@@ -22,6 +22,7 @@ DATA_DIR = Path(os.environ.get("LORALAB_DATA_DIR", ROOT / "data")).resolve()
 SLICE = [
     "trainer.limit_train_batches=5",
     "trainer.limit_val_batches=1",
+    "trainer.log_every_n_steps=1",
     "trainer.enable_progress_bar=false",
     "accelerator=cpu",
 ]

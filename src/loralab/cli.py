@@ -23,11 +23,17 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
 
 
-def discard_if_empty(run_dir: Path) -> None:
-    """Remove a run dir that holds nothing but Hydra's own bookkeeping, so a typo leaves no litter."""
-    leftovers = [p for p in run_dir.iterdir() if p.name != ".hydra" and p.suffix != ".log"]
-    if not leftovers:
-        shutil.rmtree(run_dir, ignore_errors=True)
+def discard_if_empty(run_dir: Path, output_root: Path) -> None:
+    """Remove a run dir that holds nothing but Hydra's own bookkeeping, and the parents this run
+    created, so a typo leaves no litter under the output root."""
+    if any(p.name != ".hydra" and p.suffix != ".log" for p in run_dir.iterdir()):
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+    root = output_root.resolve()
+    for parent in run_dir.resolve().parents:
+        if parent == root or root not in parent.parents or any(parent.iterdir()):
+            break
+        parent.rmdir()
 
 
 def run_job(cfg: DictConfig) -> float | None:
@@ -47,6 +53,6 @@ def run_job(cfg: DictConfig) -> float | None:
             # The sweep goes on; the summary lists this job as failed.
             write_text(run_dir / "error.txt", f"{err}\n")
             return None
-        discard_if_empty(run_dir)
+        discard_if_empty(run_dir, Path(cfg.output_root))
         sys.exit(2)
     return metrics["test"]["acc"]

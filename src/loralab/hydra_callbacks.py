@@ -1,0 +1,38 @@
+"""Hydra callbacks: refuse to reuse a finished run dir, and summarise a sweep when it ends."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from loralab.report import write_summary
+
+
+class FreshRunDir(Callback):
+    """Runs before Hydra writes anything into the run dir, so a finished run stays byte-identical."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.refuse_if_finished(Path(config.hydra.run.dir), "metrics.json", "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.refuse_if_finished(Path(config.hydra.sweep.dir), "summary.csv", "hydra.sweep.dir")
+
+    @staticmethod
+    def refuse_if_finished(directory: Path, marker: str, key: str) -> None:
+        if (directory / marker).exists():
+            print(f"error: {directory} already holds a finished run ({marker}); choose another {key}", file=sys.stderr)
+            sys.exit(2)
+
+
+class SweepSummary(Callback):
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        rows, table = write_summary(config.hydra.sweep.dir)
+        print(f"\nSweep summary ({config.hydra.sweep.dir}/summary.md):\n{table}")
+        failed = [r["job"] for r in rows if r.get("status") != "ok"]
+        if failed:
+            print(f"error: {len(failed)} of {len(rows)} jobs failed: {', '.join(failed)}", file=sys.stderr)
+            sys.exit(1)

@@ -1,0 +1,91 @@
+"""The CLI as users run it: one line per bad input, non-zero exit, nothing left behind or touched."""
+
+import hashlib
+
+import pytest
+
+from conftest import SLICE, train_py
+
+
+def tree_digest(root) -> dict:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def assert_one_line_error(done, *fragments):
+    assert done.returncode != 0, done.stdout
+    assert "Traceback" not in done.stderr, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, done.stderr
+    for fragment in fragments:
+        assert fragment in errors[0]
+
+
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["stage=finetune", "lora.rank=0"], ["lora.rank=0"]),
+        (["data.digits=[1,1]"], ["data.digits", "once"]),
+        (["stage=finetune", "base=/nonexistent/run"], ["base=/nonexistent/run does not exist"]),
+    ],
+)
+def test_bad_input_exits_with_one_line_and_writes_nothing(args, fragments, tmp_path):
+    done = train_py(*args, f"output_root={tmp_path}")
+    assert_one_line_error(done, *fragments)
+    assert done.returncode == 2
+    assert list(tmp_path.iterdir()) == []  # no run dir left behind
+
+
+def test_finetune_without_pretrain_says_what_to_run(tmp_path):
+    done = train_py("stage=finetune", f"output_root={tmp_path}")
+    assert_one_line_error(done, "run `python train.py stage=pretrain` first")
+
+
+def test_bad_base_files(tmp_path, pretrained):
+    text = tmp_path / "notes.txt"
+    text.write_text("not weights")
+    truncated = tmp_path / "base.safetensors"
+    truncated.write_bytes((pretrained[1] / "base.safetensors").read_bytes()[:5000])
+    empty_dir = tmp_path / "empty"
+    empty_dir.mkdir()
+    out = tmp_path / "out"
+    for base, fragment in [(text, "not a readable safetensors"), (truncated, "not a readable safetensors"), (empty_dir, "no base.safetensors")]:
+        before = tree_digest(tmp_path)
+        assert_one_line_error(train_py("stage=finetune", f"base={base}", f"output_root={out}"), fragment)
+        assert tree_digest(tmp_path) == before
+    small = train_py("stage=finetune", f"base={pretrained[1]}", "model=small_mlp", f"output_root={out}")
+    assert_one_line_error(small, "784-1000-2000-10 model but the configured model is 784-128-64-10")
+
+
+def test_unknown_group_is_refused(tmp_path):
+    done = train_py("model=huge_mlp", f"output_root={tmp_path}")
+    assert done.returncode != 0 and "huge_mlp" in done.stderr
+
+
+def test_finished_run_dir_is_never_overwritten(pretrained):
+    run_dir = pretrained[1]
+    before = tree_digest(run_dir)
+    done = train_py("stage=pretrain", f"hydra.run.dir={run_dir}")
+    assert_one_line_error(done, "already holds a finished run")
+    assert tree_digest(run_dir) == before
+
+
+def test_rank_sweep_writes_a_summary(tmp_path, pretrained):
+    done = train_py("stage=finetune", "lora.rank=1,2", f"base={pretrained[1]}", *SLICE, "trainer.max_steps=5", f"output_root={tmp_path}", "-m")
+    assert done.returncode == 0, done.stderr
+    (sweep,) = (tmp_path / "finetune-sweep").iterdir()
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert len(jobs) == 2 and jobs[0].startswith("0_") and "lora.rank=1" in jobs[0] and "lora.rank=2" in jobs[1]
+    csv_lines = (sweep / "summary.csv").read_text().splitlines()
+    assert len(csv_lines) == 3 and csv_lines[0].startswith("job,status,method,rank")
+    assert ",ok,lora,1," in csv_lines[1] and ",ok,lora,2," in csv_lines[2]
+    assert f"| {jobs[1]} | ok | lora | 2 |" in (sweep / "summary.md").read_text()
+    assert "Sweep summary" in done.stdout
+
+
+def test_a_failing_job_is_reported_and_the_others_finish(tmp_path, pretrained):
+    done = train_py("stage=finetune", "lora.rank=1,0", f"base={pretrained[1]}", *SLICE, "trainer.max_steps=3", f"output_root={tmp_path}", "-m")
+    assert done.returncode == 1
+    (sweep,) = (tmp_path / "finetune-sweep").iterdir()
+    rows = (sweep / "summary.csv").read_text().splitlines()
+    assert ",ok," in rows[1] and "failed: lora.rank=0" in rows[2]
+    assert next(sweep.glob("0_*/metrics.json")).exists()

@@ -1,0 +1,103 @@
+"""The real stages, composed from the real Hydra config, on a small real slice of MNIST."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import SLICE, run
+from loralab.adapter import load_adapter
+from loralab.data import MNISTDataModule
+from loralab.lora import count_parameters, set_lora_enabled
+from loralab.weights import fingerprint, load_base
+
+
+def scalar_tags(run_dir) -> set[str]:
+    tags = set()
+    for events in run_dir.glob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        tags |= set(acc.Tags()["scalars"])
+    return tags
+
+
+def test_pretrain_writes_the_contract(pretrained):
+    metrics, run_dir = pretrained
+    assert metrics == json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["stage"] == "pretrain"
+    assert metrics["model"] == {"name": "expensive_mlp", "sizes": [784, 1000, 2000, 10]}
+    assert metrics["params"] == {"total": 2807010, "trainable": 2807010, "lora": 0, "base": 2807010}
+    test = metrics["test"]
+    assert test["count"] == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]  # the full test set
+    assert len(test["wrong"]) == 10 and abs(test["acc"] - (1 - sum(test["wrong"]) / 10000)) < 1e-6
+    assert set(metrics["seconds"]) == {"fit", "test"}
+    assert metrics["versions"]["torch"] and metrics["config"]["stage"]["name"] == "pretrain"
+    weights = load_file(metrics["artifacts"]["base"])
+    assert set(weights) == {f"linear{i}.{p}" for i in (1, 2, 3) for p in ("weight", "bias")}
+    assert (run_dir / "checkpoints" / "last.ckpt").exists()
+
+
+def test_pretrain_logs_per_digit_metrics_to_tensorboard(pretrained):
+    tags = scalar_tags(pretrained[1])
+    assert {"val/acc", "val/loss", "test/acc", "train/loss"} <= tags
+    assert {f"test/err_d{d}" for d in range(10)} <= tags and {f"val/err_d{d}" for d in range(10)} <= tags
+    assert "hp/test_acc" in tags
+
+
+def test_base_round_trips_through_safetensors(pretrained):
+    metrics, run_dir = pretrained
+    model, meta = load_base(run_dir / "base.safetensors", [784, 1000, 2000, 10])
+    assert fingerprint(model) == metrics["base_sha256"] == meta["weights_sha256"]
+
+
+def test_finetune_writes_the_contract(finetuned, pretrained):
+    metrics, run_dir = finetuned
+    base_metrics, base_dir = pretrained
+    assert metrics["stage"] == "finetune" and metrics["digits"] == [9]
+    assert metrics["params"] == {"total": 2807010 + 6794, "trainable": 6794, "lora": 6794, "base": 2807010}
+    assert {k: metrics["lora"][k] for k in ("rank", "alpha", "scale", "targets")} == {
+        "rank": 1, "alpha": 1.0, "scale": 1.0, "targets": ["linear1", "linear2", "linear3"]}
+    # Adapters off must reproduce the pretrained model's test exactly.
+    assert metrics["test_base"] == base_metrics["test"]
+    assert metrics["base_sha256"] == base_metrics["base_sha256"] and metrics["base_unchanged"] is True
+    assert metrics["test"] != metrics["test_base"]  # the adapter did something
+    assert (run_dir / "adapter_model.safetensors").stat().st_size < 40_000
+
+
+def test_finetune_logs_target_and_other_digit_errors(finetuned):
+    tags = scalar_tags(finetuned[1])
+    assert {"val/err_target", "val/err_other", "test/err_target", "test/err_other", "test_base/err_target"} <= tags
+    assert {"params/lora", "params/trainable"} <= tags
+
+
+def test_saved_adapter_reproduces_the_trained_logits(finetuned, pretrained, mnist_dir):
+    metrics, run_dir = finetuned
+    model, _ = load_base(pretrained[1] / "base.safetensors", [784, 1000, 2000, 10])
+    config = load_adapter(model, run_dir)
+    assert config["r"] == 1 and count_parameters(model)["lora"] == 6794
+    data = MNISTDataModule(str(mnist_dir))
+    data.setup()
+    # The adapter loaded from disk gives exactly the test result the run recorded.
+    assert _wrong_counts(model, data) == metrics["test"]["wrong"]
+    set_lora_enabled(model, False)
+    assert _wrong_counts(model, data) == metrics["test_base"]["wrong"]
+
+
+def _wrong_counts(model, data) -> list[int]:
+    with torch.no_grad():
+        preds = torch.cat([model(data.test_set.x[i : i + 1000]).argmax(1) for i in range(0, 10000, 1000)])
+    y = data.test_set.y
+    return [int(((preds != y) & (y == d)).sum()) for d in range(10)]
+
+
+def test_fit_then_test_does_not_double_wrap(finetuned, pretrained, outputs):
+    metrics, _ = run([*SLICE, "stage=finetune", "trainer.max_steps=3", f"base={pretrained[1]}", "lora.rank=2"], outputs, "finetune-r2")
+    assert metrics["params"]["lora"] == 2 * 6794  # fit + two tests, each with a setup: still one adapter per layer
+
+
+@pytest.mark.parametrize("targets, expected", [("[linear3]", 2010), ("'linear[12]'", 1784 + 3000)])
+def test_targets_select_layers(pretrained, outputs, targets, expected):
+    metrics, _ = run([*SLICE, "stage=finetune", "trainer.max_steps=2", f"base={pretrained[1]}", f"lora.targets={targets}"], outputs, f"t-{expected}")
+    assert metrics["params"]["lora"] == expected and metrics["base_unchanged"]
