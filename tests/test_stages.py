@@ -101,3 +101,27 @@ def test_fit_then_test_does_not_double_wrap(finetuned, pretrained, outputs):
 def test_targets_select_layers(pretrained, outputs, targets, expected):
     metrics, _ = run([*SLICE, "stage=finetune", "trainer.max_steps=2", f"base={pretrained[1]}", f"lora.targets={targets}"], outputs, f"t-{expected}")
     assert metrics["params"]["lora"] == expected and metrics["base_unchanged"]
+
+
+def test_digits_auto_picks_the_worst_digits(pretrained, outputs):
+    base_metrics, base_dir = pretrained
+    test = base_metrics["test"]
+    rates = [w / c for w, c in zip(test["wrong"], test["count"])]
+    expected = sorted(sorted(range(10), key=lambda d: -rates[d])[:2])
+    metrics, _ = run([*SLICE, "stage=finetune", "trainer.max_steps=2", f"base={base_dir}", "digits=auto", "data.auto_k=2"], outputs, "auto")
+    assert metrics["digits"] == expected
+
+
+def test_full_finetune_writes_the_same_schema(finetuned, pretrained, outputs):
+    lora_metrics, _ = finetuned
+    metrics, run_dir = run([*SLICE, "stage=finetune", "trainer.max_steps=5", f"base={pretrained[1]}", "finetune.method=full"], outputs, "full")
+    assert set(lora_metrics) <= set(metrics)
+    assert metrics["method"] == "full" and metrics["lora"] is None
+    assert metrics["params"]["trainable"] == 2807010 and metrics["test_base"] == pretrained[0]["test"]
+    assert (run_dir / "model.safetensors").stat().st_size > 100 * lora_metrics["artifact_bytes"]
+    assert metrics["optimizer_state_bytes"] > 100 * lora_metrics["optimizer_state_bytes"]
+
+
+def test_replay_experiment_runs(pretrained, outputs):
+    metrics, _ = run([*SLICE, "experiment=no_forgetting", "trainer.max_steps=3", f"base={pretrained[1]}"], outputs, "replay")
+    assert metrics["config"]["data"]["replay"] == 0.2 and metrics["lora"]["rank"] == 8

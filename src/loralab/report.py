@@ -12,7 +12,7 @@ from loralab.files import write_text
 SUMMARY_COLUMNS = [
     "job", "status", "method", "rank", "alpha", "digits", "trainable",
     "target_wrong_before", "target_wrong_after", "other_wrong_before", "other_wrong_after",
-    "acc_before", "acc_after", "fit_seconds",
+    "acc_before", "acc_after", "forgetting", "optimizer_state_bytes", "artifact_bytes", "fit_seconds",
 ]
 
 
@@ -61,6 +61,8 @@ def summary_row(job: str, metrics: dict) -> dict:
         "digits": " ".join(map(str, digits)), "trainable": metrics["params"]["trainable"],
         "target_wrong_before": tb, "target_wrong_after": ta, "other_wrong_before": ob, "other_wrong_after": oa,
         "acc_before": round(before["acc"], 4), "acc_after": round(test["acc"], 4),
+        "forgetting": oa - ob, "optimizer_state_bytes": metrics.get("optimizer_state_bytes", ""),
+        "artifact_bytes": metrics.get("artifact_bytes", ""),
         "fit_seconds": round(metrics["seconds"]["fit"], 2),
     }
 
@@ -82,7 +84,8 @@ def collect(sweep_dir: str | Path) -> list[dict]:
 MARKDOWN_COLUMNS = {
     "job": "job", "status": "status", "method": "method", "rank": "rank", "alpha": "alpha",
     "digits": "digits", "trainable": "trainable params",
-    "target_wrong": "target wrong", "other_wrong": "other wrong", "acc": "accuracy", "fit_seconds": "fit s",
+    "target_wrong": "target wrong", "other_wrong": "other wrong", "acc": "accuracy", "forgetting": "forgetting",
+    "optimizer_state_bytes": "optimizer state B", "artifact_bytes": "file B", "fit_seconds": "fit s",
 }
 
 

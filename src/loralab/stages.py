@@ -3,6 +3,7 @@ LoRA on a digit subset. Each writes metrics.json, the contract with users, scrip
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import time
@@ -19,12 +20,13 @@ from loralab.adapter import save_adapter
 from loralab.callbacks import LoRAFinetuning
 from loralab.classifier import Classifier
 from loralab.data import MNISTDataModule
+from loralab.errors import ArtifactError
 from loralab.files import write_json
 from loralab.lora import count_parameters, lora_layers, set_lora_enabled
 from loralab.model import MLP
 from loralab.report import digit_table, split_wrong
 from loralab.validate import check_digits
-from loralab.weights import BASE_FILE, load_base, resolve_base, save_base
+from loralab.weights import BASE_FILE, FULL_FILE, fingerprint, load_base, resolve_base, save_base
 
 log = logging.getLogger(__name__)
 
@@ -128,53 +130,92 @@ def pretrain(cfg: DictConfig, run_dir: Path) -> dict:
     return metrics
 
 
+def worst_digits(base_path: Path, k: int) -> list[int]:
+    """digits=auto: the k digits with the highest error rate in the base's own metrics.json."""
+    metrics_file = base_path.parent / "metrics.json"
+    if not metrics_file.exists():
+        raise ArtifactError(f"digits=auto needs the base's metrics.json, not found beside {base_path}; name the digits instead (data.digits=[...])")
+    test = json.loads(metrics_file.read_text())["test"]
+    rates = [w / c for w, c in zip(test["wrong"], test["count"])]
+    return sorted(sorted(range(10), key=lambda d: -rates[d])[:k])
+
+
+def optimizer_state_bytes(trainer: L.Trainer) -> int:
+    return sum(
+        t.numel() * t.element_size()
+        for optimizer in trainer.optimizers
+        for state in optimizer.state.values()
+        for t in state.values()
+        if torch.is_tensor(t)
+    )
+
+
 def finetune(cfg: DictConfig, run_dir: Path) -> dict:
-    digits = check_digits(cfg.data.digits)
     sizes = list(cfg.model.sizes)
     base_path = resolve_base(cfg.base, cfg.output_root, sizes)
+    digits = worst_digits(base_path, cfg.data.auto_k) if cfg.data.digits == "auto" else check_digits(cfg.data.digits)
     model, base_meta = load_base(base_path, sizes)
-    log.info("fine-tuning base %s", base_path)
+    log.info("fine-tuning base %s on digits %s", base_path, digits)
     datamodule = make_datamodule(cfg, digits)
-    module = Classifier(model, lr=cfg.optim.lr, target_digits=digits, scheduler=cfg.optim.scheduler)
-    lora = LoRAFinetuning(**OmegaConf.to_container(cfg.lora, resolve=True))
-    trainer = make_trainer(cfg, run_dir, [lora], checkpoint=False)
+    module = Classifier(model, lr=cfg.optim.lr, target_digits=digits)
+    method = cfg.finetune.method
+    lora = LoRAFinetuning(**OmegaConf.to_container(cfg.lora, resolve=True)) if method == "lora" else None
+    trainer = make_trainer(cfg, run_dir, [lora] if lora else [], checkpoint=False)
+    base_sha = fingerprint(model)
+    if method == "full":
+        # No adapter to switch off afterwards: test the base before it is trained.
+        test_base = test_as(trainer, module, datamodule, "test_base")
     fit_s = timed(trainer.fit, module, datamodule=datamodule)
-
-    test_s = timed(trainer.test, module, datamodule=datamodule, verbose=False)
-    test = module.last_test
-    set_lora_enabled(model, False)
-    module.test_prefix = "test_base"
-    trainer.test(module, datamodule=datamodule, verbose=False)
-    test_base = module.last_test
-    set_lora_enabled(model, True)
-    module.test_prefix = "test"
-
-    if base_meta.get("weights_sha256") not in (None, lora.base_sha256):
+    start = time.perf_counter()
+    test = test_as(trainer, module, datamodule, "test")
+    test_s = time.perf_counter() - start
+    if method == "lora":
+        set_lora_enabled(model, False)
+        test_base = test_as(trainer, module, datamodule, "test_base")
+        set_lora_enabled(model, True)
+        artifacts = save_adapter(model, run_dir, sizes)
+    else:
+        save_base(model, run_dir / FULL_FILE, cfg.model.name)
+        artifacts = {"model": run_dir / FULL_FILE}
+    if base_meta.get("weights_sha256") not in (None, base_sha):
         log.warning("%s records weights sha256 %s but holds %s: the file was changed after pretraining",
-                    base_path, base_meta["weights_sha256"][:12], lora.base_sha256[:12])
-    layer = next(iter(lora_layers(model).values()))
-    artifacts = save_adapter(model, run_dir, sizes)
+                    base_path, base_meta["weights_sha256"][:12], base_sha[:12])
     (tb, ob), (ta, oa) = split_wrong(test_base, digits), split_wrong(test, digits)
     metrics = base_metrics(cfg, model, digits) | {
-        "method": "lora",
+        "method": method,
         "test": test,
         "test_base": test_base,
         "forgetting": oa - ob,
-        "lora": {
-            "rank": layer.rank, "alpha": layer.alpha, "scale": layer.scale,
-            "targets": list(cfg.lora.targets) if not isinstance(cfg.lora.targets, str) else cfg.lora.targets,
-            "dropout": cfg.lora.dropout, "init": cfg.lora.init, "rslora": cfg.lora.rslora,
-        },
+        "lora": lora_summary(model, cfg) if lora else None,
         "base": str(base_path),
-        "base_sha256": lora.base_sha256,
-        "base_unchanged": lora.base_unchanged,
+        "base_sha256": base_sha,
+        "base_unchanged": lora.base_unchanged if lora else None,
+        "optimizer_state_bytes": optimizer_state_bytes(trainer),
+        "artifact_bytes": sum(Path(p).stat().st_size for p in artifacts.values()),
         "seconds": {"fit": fit_s, "test": test_s},
         "artifacts": {k: str(v) for k, v in artifacts.items()} | {"tensorboard": str(run_dir)},
     }
     log_hparams(trainer, cfg, metrics)
-    print(f"\nLoRA fine-tune on digits {digits} (rank {layer.rank}, alpha {layer.alpha:g}), test set, base -> LoRA:")
+    what = f"LoRA rank {metrics['lora']['rank']}, alpha {metrics['lora']['alpha']:g}" if lora else "full fine-tune"
+    print(f"\n{what} on digits {digits}, test set, base -> fine-tuned:")
     print(digit_table(test, before=test_base, digits=digits))
     return metrics
+
+
+def test_as(trainer: L.Trainer, module: Classifier, datamodule: MNISTDataModule, prefix: str) -> dict:
+    module.test_prefix = prefix
+    trainer.test(module, datamodule=datamodule, verbose=False)
+    module.test_prefix = "test"
+    return module.last_test
+
+
+def lora_summary(model, cfg: DictConfig) -> dict:
+    layer = next(iter(lora_layers(model).values()))
+    targets = cfg.lora.targets if isinstance(cfg.lora.targets, str) else list(cfg.lora.targets)
+    return {
+        "rank": layer.rank, "alpha": layer.alpha, "scale": layer.scale, "targets": targets,
+        "dropout": cfg.lora.dropout, "init": cfg.lora.init, "rslora": cfg.lora.rslora,
+    }
 
 
 STAGES = {"pretrain": pretrain, "finetune": finetune}

@@ -16,6 +16,7 @@ from loralab.model import MLP
 
 STAGES = ("pretrain", "finetune")
 SCHEDULERS = ("none", "cosine")
+METHODS = ("lora", "full")
 
 
 def _bad(field: str, value, allowed: str) -> ConfigError:
@@ -39,6 +40,8 @@ def _number(field: str, value, low: float, high: float | None = None, low_open: 
 
 
 def check_digits(value) -> list[int]:
+    if value == "auto":
+        raise _bad("data.digits", value, "digits=auto picks the base model's worst digits, so it needs stage=finetune")
     if not isinstance(value, (list, ListConfig)):
         raise _bad("data.digits", value, "expected a list of digits 0-9, e.g. data.digits=[3,5] or digits=nine")
     digits = list(value)
@@ -89,7 +92,10 @@ def check_config(cfg: DictConfig) -> None:
     if stage not in STAGES:
         raise _bad("stage.name", stage, f"expected one of {', '.join(STAGES)}")
     check_model(cfg.model)
-    check_digits(cfg.data.digits)
+    if not (stage == "finetune" and cfg.data.digits == "auto"):
+        check_digits(cfg.data.digits)
+    if cfg.data.get("auto_k") is not None:
+        _int("data.auto_k", cfg.data.auto_k, 1, 9)
     _int("data.batch_size", cfg.data.batch_size, 1)
     _int("data.eval_batch_size", cfg.data.eval_batch_size, 1)
     _int("data.val_size", cfg.data.val_size, 1, 59999)
@@ -106,4 +112,6 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.trainer.get("accelerator") in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError("accelerator=gpu but no CUDA GPU is visible; use accelerator=cpu (or auto)")
     if stage == "finetune":
+        if cfg.finetune.method not in METHODS:
+            raise _bad("finetune.method", cfg.finetune.method, f"expected one of {', '.join(METHODS)}")
         check_lora(cfg.lora, list(cfg.model.sizes))

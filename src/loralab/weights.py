@@ -20,6 +20,7 @@ from loralab.model import MLP
 log = logging.getLogger(__name__)
 
 BASE_FILE = "base.safetensors"
+FULL_FILE = "model.safetensors"  # a fully fine-tuned model: the same format as a base
 
 
 def base_state(model: nn.Module) -> dict[str, torch.Tensor]:
