@@ -13,7 +13,7 @@ from torch import nn
 
 from loralab.errors import ArtifactError
 from loralab.files import write_json, write_safetensors
-from loralab.lora import inject_lora, load_lora_state_dict, lora_layers, lora_state_dict
+from loralab.lora import inject_lora, load_lora_state_dict, lora_layers, lora_state_dict, remove_lora, set_lora_enabled
 from loralab.weights import fingerprint, read_safetensors
 
 log = logging.getLogger(__name__)
@@ -78,15 +78,16 @@ def read_adapter_config(directory: Path) -> dict:
     return config
 
 
-def load_adapter(model: nn.Module, directory: str | Path) -> dict:
-    """Inject and fill the adapter saved in ``directory``; return its config.
-
-    Refuses an adapter whose shapes do not fit ``model``; warns when only the base differs.
-    """
+def read_adapter(directory: str | Path) -> tuple[dict, dict, dict]:
+    """(config, tensors under loralab names, safetensors metadata) of an adapter directory."""
     directory = Path(directory)
     config = read_adapter_config(directory)
     tensors, meta = read_safetensors(directory / WEIGHTS_FILE, "adapter")
-    state = {from_peft_key(k): t for k, t in tensors.items()}
+    return config, {from_peft_key(k): t for k, t in tensors.items()}, meta
+
+
+def apply_adapter(model: nn.Module, config: dict, state: dict, meta: dict, source: str) -> None:
+    """Fill ``model``'s adapters from a read adapter, injecting them first where needed."""
     try:
         inject_lora(
             model,
@@ -97,7 +98,55 @@ def load_adapter(model: nn.Module, directory: str | Path) -> dict:
         )
         load_lora_state_dict(model, state)
     except ValueError as err:
-        raise ArtifactError(f"adapter in {directory} does not fit this base model: {err}") from None
+        raise ArtifactError(f"adapter in {source} does not fit this base model: {err}") from None
     if meta.get("base_sha256") and meta["base_sha256"] != fingerprint(model):
-        log.warning("adapter in %s was trained on another base (sha256 %s…); loading it anyway", directory, meta["base_sha256"][:12])
+        log.warning("adapter in %s was trained on another base (sha256 %s…); loading it anyway", source, meta["base_sha256"][:12])
+
+
+def load_adapter(model: nn.Module, directory: str | Path) -> dict:
+    """Inject and fill the adapter saved in ``directory``; return its config.
+
+    Refuses an adapter whose shapes do not fit ``model``; warns when only the base differs.
+    """
+    config, state, meta = read_adapter(directory)
+    apply_adapter(model, config, state, meta, str(directory))
     return config
+
+
+class AdapterSet:
+    """Several adapters on one base model, switched by name without reloading the base.
+
+    Adapters are read once; switching copies only their A and B tensors into the wrapped layers
+    (re-wrapping only when the next adapter has other targets, rank or alpha).
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.adapters: dict[str, tuple[dict, dict, dict, str]] = {}
+        self.active: str | None = None
+
+    def add(self, name: str, directory: str | Path) -> None:
+        if name in self.adapters:
+            raise ArtifactError(f"an adapter named {name!r} is already loaded; give each adapter its own name")
+        self.adapters[name] = (*read_adapter(directory), str(directory))
+
+    def use(self, name: str | None) -> None:
+        """Switch to adapter ``name``; ``None`` switches adapters off (the base model exactly)."""
+        if name is None:
+            set_lora_enabled(self.model, False)
+        else:
+            if name not in self.adapters:
+                raise ArtifactError(f"no adapter named {name!r}; loaded: {', '.join(self.adapters) or 'none'}")
+            config, state, meta, source = self.adapters[name]
+            if not self._fits(config):
+                remove_lora(self.model)
+            apply_adapter(self.model, config, state, meta, source)
+            set_lora_enabled(self.model, True)
+        self.active = name
+
+    def _fits(self, config: dict) -> bool:
+        layers = lora_layers(self.model)
+        return sorted(layers) == sorted(config["target_modules"] if isinstance(config["target_modules"], list) else []) and all(
+            (layer.rank, layer.alpha, layer.rslora) == (int(config["r"]), float(config["lora_alpha"]), bool(config.get("use_rslora", False)))
+            for layer in layers.values()
+        )

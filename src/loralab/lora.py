@@ -176,6 +176,21 @@ def unmerge_lora(model: nn.Module) -> None:
         layer.unmerge()
 
 
+def remove_lora(model: nn.Module, merge: bool = False) -> nn.Module:
+    """Put each wrapped Linear back in its place; with ``merge``, its weight keeps the update first.
+
+    The result is a plain model whose inference cost is the base model's.
+    """
+    for name, layer in lora_layers(model).items():
+        if merge:
+            layer.merge()
+        else:
+            layer.unmerge()
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, layer.base_layer)
+    return model
+
+
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in model.named_parameters() if is_lora_name(name)}
 

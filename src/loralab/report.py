@@ -44,7 +44,7 @@ def digit_table(test: dict, before: dict | None = None, digits: list[int] | None
     else:
         lines.append(f"{'all':>6} {total:>6} {sum(before['wrong']):>10} -> {sum(test['wrong']):<8}"
                      f"   accuracy {100 * before['acc']:.2f} % -> {100 * test['acc']:.2f} %")
-        if digits:
+        if digits and len(digits) < len(test["count"]):
             (tb, ob), (ta, oa) = split_wrong(before, digits), split_wrong(test, digits)
             lines.append(f"target digits {digits}: wrong {tb} -> {ta};  other digits: wrong {ob} -> {oa} (forgetting {oa - ob:+d})")
     return "\n".join(lines)

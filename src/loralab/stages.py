@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import statistics
 import subprocess
 import time
 from importlib.metadata import PackageNotFoundError, version
@@ -16,13 +17,13 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
-from loralab.adapter import save_adapter
+from loralab.adapter import AdapterSet, save_adapter
 from loralab.callbacks import LoRAFinetuning
 from loralab.classifier import Classifier
 from loralab.data import MNISTDataModule
 from loralab.errors import ArtifactError
 from loralab.files import write_json
-from loralab.lora import count_parameters, lora_layers, set_lora_enabled
+from loralab.lora import count_parameters, lora_layers, merge_lora, set_lora_enabled, unmerge_lora
 from loralab.model import MLP
 from loralab.report import digit_table, split_wrong
 from loralab.validate import check_digits
@@ -218,7 +219,45 @@ def lora_summary(model, cfg: DictConfig) -> dict:
     }
 
 
-STAGES = {"pretrain": pretrain, "finetune": finetune}
+def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
+    """The base alone, then each adapter switched in by name on the same loaded base."""
+    sizes, digits = list(cfg.model.sizes), check_digits(cfg.data.digits)
+    base_path = resolve_base(cfg.base, cfg.output_root, sizes)
+    start = time.perf_counter()
+    model, _ = load_base(base_path, sizes)
+    load_s = time.perf_counter() - start
+    adapters = AdapterSet(model)
+    for directory in cfg.eval.adapters:  # read them all before testing anything
+        name = Path(directory).name
+        adapters.add(name if name not in adapters.adapters else f"{name}-{len(adapters.adapters)}", directory)
+    datamodule = make_datamodule(cfg, digits)
+    module = Classifier(model, target_digits=digits)
+    trainer = make_trainer(cfg, run_dir, [], checkpoint=False)
+    start = time.perf_counter()
+    test = test_as(trainer, module, datamodule, "test")
+    test_s = time.perf_counter() - start
+    results, switch_s = {}, []
+    for name, (_, _, _, source) in adapters.adapters.items():
+        start = time.perf_counter()
+        adapters.use(name)
+        switch_s.append(time.perf_counter() - start)
+        if cfg.eval.merge:
+            merge_lora(model)
+        results[name] = {"path": source, "merged": bool(cfg.eval.merge), "test": test_as(trainer, module, datamodule, f"test_{name}")}
+        unmerge_lora(model)
+        print(f"\nadapter {name} ({'merged' if cfg.eval.merge else 'unmerged'}), base -> adapter:")
+        print(digit_table(results[name]["test"], before=test, digits=digits))
+    adapters.use(None)
+    return base_metrics(cfg, model, digits) | {
+        "test": test,
+        "base": str(base_path),
+        "adapters": results,
+        "seconds": {"fit": 0.0, "test": test_s, "base_load": load_s, "adapter_switch": statistics.median(switch_s) if switch_s else None},
+        "artifacts": {"tensorboard": str(run_dir)},
+    }
+
+
+STAGES = {"pretrain": pretrain, "finetune": finetune, "eval": evaluate}
 
 
 def run_stage(cfg: DictConfig, run_dir: Path) -> dict:

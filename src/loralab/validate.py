@@ -14,7 +14,7 @@ from loralab.errors import ConfigError
 from loralab.lora import INITS, resolve_targets
 from loralab.model import MLP
 
-STAGES = ("pretrain", "finetune")
+STAGES = ("pretrain", "finetune", "eval")
 SCHEDULERS = ("none", "cosine")
 METHODS = ("lora", "full")
 
@@ -111,6 +111,12 @@ def check_config(cfg: DictConfig) -> None:
         _int("trainer.max_epochs", cfg.trainer.max_epochs, 1)
     if cfg.trainer.get("accelerator") in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError("accelerator=gpu but no CUDA GPU is visible; use accelerator=cpu (or auto)")
+    if stage == "eval":
+        adapters = cfg.eval.adapters
+        if not isinstance(adapters, (list, ListConfig)) or not all(isinstance(a, str) for a in adapters):
+            raise _bad("eval.adapters", adapters, "expected a list of adapter directories, e.g. eval.adapters=[outputs/finetune/<time>]")
+        if not isinstance(cfg.eval.merge, bool):
+            raise _bad("eval.merge", cfg.eval.merge, "expected true or false")
     if stage == "finetune":
         if cfg.finetune.method not in METHODS:
             raise _bad("finetune.method", cfg.finetune.method, f"expected one of {', '.join(METHODS)}")

@@ -1,0 +1,61 @@
+"""Merge a LoRA adapter into its base and write a plain model.
+
+    python scripts/merge_adapter.py BASE ADAPTER_DIR OUT.safetensors
+
+BASE is a pretrain run dir or base.safetensors. The output is an ordinary MLP (same format as a
+base, so `base=OUT.safetensors` fine-tunes it further): W' = W + (alpha/r)·B·A, no adapter left,
+so inference costs exactly what the base costs. Its logits are checked against base + adapter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from loralab.adapter import load_adapter
+from loralab.errors import LoralabError
+from loralab.lora import remove_lora
+from loralab.weights import BASE_FILE, load_base, save_base
+
+TOLERANCE = 1e-5
+
+
+def merge(base: Path, adapter: Path, out: Path, sizes: list[int], name: str) -> float:
+    """Write the merged model; return the largest logit difference against base + adapter."""
+    if out.exists():
+        raise LoralabError(f"{out} already exists; choose another output path")
+    model, _ = load_base(base / BASE_FILE if base.is_dir() else base, sizes)
+    load_adapter(model, adapter)
+    probe = torch.randn(256, sizes[0], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(probe)
+        plain = remove_lora(model, merge=True)
+        gap = (plain(probe) - expected).abs().max().item()
+    if gap > TOLERANCE:
+        raise RuntimeError(f"merged logits differ from base + adapter by {gap:.2e} (> {TOLERANCE})")
+    save_base(plain, out, name)
+    return gap
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("base", type=Path)
+    parser.add_argument("adapter", type=Path)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[784, 1000, 2000, 10])
+    parser.add_argument("--name", default="expensive_mlp_merged")
+    args = parser.parse_args(argv)
+    try:
+        gap = merge(args.base, args.adapter, args.out, args.sizes, args.name)
+    except LoralabError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out} (max logit difference against base + adapter: {gap:.1e})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
