@@ -22,6 +22,7 @@ data: $(STAMP)
 run: data
 	$(BIN)/python train.py stage=pretrain
 	$(BIN)/python train.py stage=finetune lora.rank=1,2,4 -m
+	$(BIN)/python scripts/report.py $$(ls -d outputs/finetune-sweep/*/ | tail -n 1)
 
 test: data
 	LORALAB_DATA_DIR=$(abspath $(DATA)) $(BIN)/python -m pytest

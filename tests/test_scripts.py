@@ -1,0 +1,36 @@
+"""The report and SVD-demo scripts on real runs."""
+
+import subprocess
+import sys
+
+from conftest import ROOT, SLICE, run
+
+
+def script(*args):
+    return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=300)
+
+
+def test_report_writes_figures_and_markdown(finetuned, pretrained, outputs, tmp_path):
+    sweep = tmp_path / "sweep"
+    for i, method in enumerate(["lora", "full"]):
+        run([*SLICE, "stage=finetune", "trainer.max_steps=3", f"base={pretrained[1]}", f"finetune.method={method}"], sweep, f"{i}_{method}")
+    done = script(ROOT / "scripts" / "report.py", sweep)
+    assert done.returncode == 0, done.stderr
+    report = sweep / "report"
+    for name in ("per_digit.png", "tradeoff.png"):
+        assert (report / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = (report / "report.md").read_text()
+    assert "| 0_lora | ok | lora | 1 |" in text and "| 1_full | ok | full |" in text and "![tradeoff](tradeoff.png)" in text
+    assert list(report.glob("events.out.tfevents.*"))
+    missing = script(ROOT / "scripts" / "report.py", tmp_path / "nothing")
+    assert missing.returncode == 2 and missing.stderr.startswith("error: ")
+
+
+def test_svd_demo(finetuned, pretrained, outputs, tmp_path):
+    _, full_dir = run([*SLICE, "stage=finetune", "trainer.max_steps=3", f"base={pretrained[1]}", "finetune.method=full"], tmp_path, "full")
+    out = tmp_path / "svd.png"
+    done = script(ROOT / "scripts" / "svd_demo.py", "--full", full_dir, "--adapter", finetuned[1], "--out", out)
+    assert done.returncode == 0, done.stderr
+    assert "numbers stored: 100 -> 40" in done.stdout and "max |y - y'|" in done.stdout
+    assert "full linear2" in done.stdout and "LoRA linear1: 90 % of the update's energy lies in its top 1" in done.stdout
+    assert out.read_bytes()[:4] == b"\x89PNG"
