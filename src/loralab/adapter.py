@@ -38,6 +38,7 @@ def save_adapter(model: nn.Module, directory: str | Path, sizes: list[int]) -> d
         raise ValueError("the model carries no LoRA adapter to save")
     first = next(iter(layers.values()))
     directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
     config = {
         "peft_type": "LORA",
         "task_type": None,
@@ -86,7 +87,7 @@ def read_adapter(directory: str | Path) -> tuple[dict, dict, dict]:
     return config, {from_peft_key(k): t for k, t in tensors.items()}, meta
 
 
-def apply_adapter(model: nn.Module, config: dict, state: dict, meta: dict, source: str) -> None:
+def apply_adapter(model: nn.Module, config: dict, state: dict, source: str) -> None:
     """Fill ``model``'s adapters from a read adapter, injecting them first where needed."""
     try:
         inject_lora(
@@ -99,7 +100,10 @@ def apply_adapter(model: nn.Module, config: dict, state: dict, meta: dict, sourc
         load_lora_state_dict(model, state)
     except ValueError as err:
         raise ArtifactError(f"adapter in {source} does not fit this base model: {err}") from None
-    if meta.get("base_sha256") and meta["base_sha256"] != fingerprint(model):
+
+
+def warn_if_other_base(meta: dict, base_sha256: str, source: str) -> None:
+    if meta.get("base_sha256") and meta["base_sha256"] != base_sha256:
         log.warning("adapter in %s was trained on another base (sha256 %s…); loading it anyway", source, meta["base_sha256"][:12])
 
 
@@ -109,26 +113,31 @@ def load_adapter(model: nn.Module, directory: str | Path) -> dict:
     Refuses an adapter whose shapes do not fit ``model``; warns when only the base differs.
     """
     config, state, meta = read_adapter(directory)
-    apply_adapter(model, config, state, meta, str(directory))
+    apply_adapter(model, config, state, str(directory))
+    warn_if_other_base(meta, fingerprint(model), str(directory))
     return config
 
 
 class AdapterSet:
     """Several adapters on one base model, switched by name without reloading the base.
 
-    Adapters are read once; switching copies only their A and B tensors into the wrapped layers
-    (re-wrapping only when the next adapter has other targets, rank or alpha).
+    Adapters are read and checked once, in ``add``; switching copies only their A and B tensors
+    into the wrapped layers (re-wrapping only when the next adapter has other targets, rank or
+    alpha).
     """
 
     def __init__(self, model: nn.Module):
         self.model = model
-        self.adapters: dict[str, tuple[dict, dict, dict, str]] = {}
+        self.base_sha256 = fingerprint(model)
+        self.adapters: dict[str, tuple[dict, dict, str]] = {}
         self.active: str | None = None
 
     def add(self, name: str, directory: str | Path) -> None:
         if name in self.adapters:
             raise ArtifactError(f"an adapter named {name!r} is already loaded; give each adapter its own name")
-        self.adapters[name] = (*read_adapter(directory), str(directory))
+        config, state, meta = read_adapter(directory)
+        warn_if_other_base(meta, self.base_sha256, str(directory))
+        self.adapters[name] = (config, state, str(directory))
 
     def use(self, name: str | None) -> None:
         """Switch to adapter ``name``; ``None`` switches adapters off (the base model exactly)."""
@@ -137,10 +146,10 @@ class AdapterSet:
         else:
             if name not in self.adapters:
                 raise ArtifactError(f"no adapter named {name!r}; loaded: {', '.join(self.adapters) or 'none'}")
-            config, state, meta, source = self.adapters[name]
+            config, state, source = self.adapters[name]
             if not self._fits(config):
                 remove_lora(self.model)
-            apply_adapter(self.model, config, state, meta, source)
+            apply_adapter(self.model, config, state, source)
             set_lora_enabled(self.model, True)
         self.active = name
 

@@ -66,7 +66,11 @@ class LoRALinear(nn.Module):
         out = self.base_layer(x)
         if not self.enabled or self.merged:
             return out
-        return out + F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.scale
+        h = F.linear(self.lora_dropout(x), self.lora_A)
+        if out.dim() == 2:
+            # One kernel for out + scale * h @ B.T: no temporary for the product or the scaling.
+            return torch.addmm(out, h, self.lora_B.t(), alpha=self.scale)
+        return out + F.linear(h, self.lora_B) * self.scale
 
     @torch.no_grad()
     def merge(self) -> None:

@@ -1,0 +1,234 @@
+"""Benchmarks: every figure is a ratio measured in one process, variants interleaved (A B A B ...),
+median of the timed repetitions after warm-up.
+
+    python -m loralab.bench                 # prints a table, writes bench.json
+    python -m loralab.bench --reps 3 --quick  # the smoke test's size
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+from loralab.adapter import AdapterSet, save_adapter
+from loralab.classifier import Classifier
+from loralab.data import DigitBatchSampler, load_tensors
+from loralab.files import write_json
+from loralab.lora import inject_lora, lora_layers, mark_only_lora_trainable, remove_lora
+from loralab.mnist import ensure_mnist
+from loralab.model import MLP
+from loralab.weights import load_base, save_base
+
+SIZES = [784, 1000, 2000, 10]
+TARGETS = ["linear1", "linear2", "linear3"]
+
+
+class DenseLoRA(nn.Module):
+    """The seeds' way: a parametrization that builds W + scale * B @ A on every forward."""
+
+    def __init__(self, out_features: int, in_features: int, rank: int):
+        super().__init__()
+        self.lora_A = nn.Parameter(torch.randn(rank, in_features))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight + self.lora_B @ self.lora_A
+
+
+def build(method: str, rank: int) -> nn.Module:
+    torch.manual_seed(0)
+    model = MLP(SIZES)
+    if method == "loralab":
+        inject_lora(model, TARGETS, rank=rank, alpha=rank)
+        mark_only_lora_trainable(model)
+    elif method == "parametrize":
+        for name in TARGETS:
+            layer = model.get_submodule(name)
+            parametrize.register_parametrization(layer, "weight", DenseLoRA(layer.out_features, layer.in_features, rank))
+        for name, p in model.named_parameters():
+            p.requires_grad = "lora_" in name
+    elif method == "peft":
+        import peft
+
+        model = peft.get_peft_model(model, peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=TARGETS))
+    return model
+
+
+def interleaved(fns: dict[str, callable], reps: int, warmup: int = 3) -> dict[str, float]:
+    """Median seconds per call of each function, called in turn so drift hits all alike."""
+    times = {name: [] for name in fns}
+    for rep in range(warmup + reps):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            if rep >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def train_steps(batch_size: int, rank: int, reps: int) -> dict:
+    methods = ["full", "loralab", "parametrize"]
+    try:
+        import peft  # noqa: F401
+
+        methods.append("peft")
+    except ImportError:
+        pass
+    x, y = torch.randn(batch_size, 784), torch.randint(0, 10, (batch_size,))
+    steps = {}
+    for method in methods:
+        model = build(method, rank)
+        opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+
+        def step(model=model, opt=opt):
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+
+        steps[method] = step
+    medians = interleaved(steps, reps)
+    return {f"{m}_ms": 1000 * t for m, t in medians.items()} | {
+        f"{m}_vs_full": t / medians["full"] for m, t in medians.items() if m != "full"
+    } | ({"loralab_vs_peft": medians["loralab"] / medians["peft"]} if "peft" in medians else {})
+
+
+def lightning_epoch(data_dir: str, batches: int | None, reps: int) -> dict:
+    """One pretrain epoch through the Lightning Trainer against a bare loop over the same batches."""
+    ensure_mnist(data_dir)
+    train_x, train_y, _, _ = load_tensors(data_dir)
+    pool = torch.arange(len(train_y))
+    sampler = DigitBatchSampler(pool, 64, seed=0)
+    order = list(sampler)[:batches] if batches else list(sampler)
+
+    def bare():
+        model = MLP(SIZES)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        for idx in order:
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(train_x[idx]), train_y[idx]).backward()
+            opt.step()
+
+    def lightning():
+        loader = torch.utils.data.DataLoader(torch.utils.data.StackDataset(train_x, train_y), sampler=order, batch_size=None)
+        trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, accelerator="cpu")
+        trainer.fit(Classifier(MLP(SIZES)), train_dataloaders=loader)
+
+    medians = interleaved({"bare": bare, "lightning": lightning}, reps, warmup=1)
+    return {"batches": len(order), "bare_s": medians["bare"], "lightning_s": medians["lightning"],
+            "lightning_vs_bare": medians["lightning"] / medians["bare"]}
+
+
+def inference(reps: int) -> dict:
+    x = torch.randn(64, 784)
+    base = build("full", 1)
+    unmerged = build("loralab", 4)
+    for layer in lora_layers(unmerged).values():
+        nn.init.normal_(layer.lora_B)
+    merged = remove_lora(build("loralab", 4), merge=True)
+
+    def forward(model):
+        return lambda: model(x)
+
+    with torch.no_grad():
+        medians = interleaved({"base": forward(base), "merged": forward(merged), "unmerged": forward(unmerged)}, reps * 5)
+    return {"base_ms": 1000 * medians["base"], "merged_vs_base": medians["merged"] / medians["base"],
+            "unmerged_vs_base": medians["unmerged"] / medians["base"]}
+
+
+def switching(reps: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        base_file = tmp / "base.safetensors"
+        save_base(MLP(SIZES), base_file, "expensive_mlp")
+        for name in ("a", "b"):
+            adapted = build("loralab", 1)
+            save_adapter(adapted, tmp / name, SIZES)
+        model, _ = load_base(base_file, SIZES)
+        adapters = AdapterSet(model)
+        adapters.add("a", tmp / "a")
+        adapters.add("b", tmp / "b")
+        medians = interleaved({"switch_a": lambda: adapters.use("a"), "switch_b": lambda: adapters.use("b"),
+                               "load_base": lambda: load_base(base_file, SIZES)}, reps)
+        switch = (medians["switch_a"] + medians["switch_b"]) / 2
+        adapter_bytes = (tmp / "a" / "adapter_model.safetensors").stat().st_size
+        return {"switch_ms": 1000 * switch, "load_base_ms": 1000 * medians["load_base"],
+                "switch_vs_load_base": switch / medians["load_base"], "adapter_bytes": adapter_bytes,
+                "base_bytes": base_file.stat().st_size, "adapter_vs_base_file": adapter_bytes / base_file.stat().st_size}
+
+
+def _rss_mb(field: str) -> float:
+    """VmRSS (now) or VmHWM (peak so far) of this process, in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _memory_probe(method: str, queue) -> None:
+    torch.set_num_threads(2)
+    before = _rss_mb("VmRSS")  # after imports: what follows is the model, its gradients and optimizer
+    model = build(method, 1)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    x, y = torch.randn(64, 784), torch.randint(0, 10, (64,))
+    for _ in range(5):
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    state = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
+    queue.put({"optimizer_state_bytes": state, "training_peak_rss_mb": _rss_mb("VmHWM") - before})
+
+
+def memory() -> dict:
+    """Each method in a fresh process, since a process's peak RSS only ever grows; the figure is the
+    peak above the process's RSS once torch is imported."""
+    ctx = multiprocessing.get_context("spawn")
+    out = {}
+    for method in ("full", "loralab"):
+        queue = ctx.Queue()
+        proc = ctx.Process(target=_memory_probe, args=(method, queue))
+        proc.start()
+        out[method] = queue.get(timeout=300)
+        proc.join()
+    return out
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description="loralab benchmarks")
+    parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes for the smoke test")
+    parser.add_argument("--data-dir", default="data")
+    parser.add_argument("--out", type=Path, default=Path("bench.json"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    torch.set_flush_denormal(True)
+    results = {"machine": {"platform": platform.platform(), "processor": platform.processor(), "threads": 2,
+                           "torch": torch.__version__}, "reps": args.reps}
+    for bs in (64, 256):
+        for rank in (1, 4):
+            results[f"train_step_bs{bs}_r{rank}"] = train_steps(bs, rank, args.reps)
+    results["lightning_epoch"] = lightning_epoch(args.data_dir, 20 if args.quick else None, 1 if args.quick else 3)
+    results["inference"] = inference(args.reps)
+    results["switching"] = switching(args.reps)
+    results["memory"] = memory()
+    write_json(args.out, results)
+    for key, value in results.items():
+        print(f"{key}: {json.dumps(value, default=lambda v: round(v, 4))}")
+    print(f"wrote {args.out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,16 @@
+"""Smoke test of the benchmark: it runs at tiny size and writes valid JSON. No timing is asserted."""
+
+import json
+
+from loralab import bench
+
+
+def test_bench_writes_valid_json(tmp_path, mnist_dir):
+    out = tmp_path / "bench.json"
+    bench.main(["--reps", "2", "--quick", "--data-dir", str(mnist_dir), "--out", str(out)])
+    results = json.loads(out.read_text())
+    step = results["train_step_bs64_r1"]
+    assert {"full_ms", "loralab_ms", "parametrize_ms", "loralab_vs_full"} <= set(step)
+    assert results["switching"]["adapter_bytes"] < 0.003 * results["switching"]["base_bytes"]
+    assert results["memory"]["loralab"]["optimizer_state_bytes"] == 2 * 4 * 6794  # Adam: two fp32 moments
+    assert results["lightning_epoch"]["batches"] == 20
