@@ -76,3 +76,19 @@ def test_merge_script_writes_a_plain_model(two_adapters, tmp_path):
     assert torch.allclose(merged(x), reference(x), atol=1e-5)
     again = subprocess.run(cmd, capture_output=True, text=True)
     assert again.returncode == 2 and "already exists" in again.stderr
+
+
+def test_switching_a_merged_adapter_is_refused(two_adapters):
+    from loralab.lora import merge_lora, unmerge_lora
+
+    base_dir, (_, nine_dir), _ = two_adapters
+    model, _ = load_base(base_dir / "base.safetensors", SIZES)
+    adapters = AdapterSet(model)
+    adapters.add("a", nine_dir)
+    adapters.add("b", nine_dir)
+    adapters.use("a")
+    merge_lora(model)
+    with pytest.raises(RuntimeError, match="unmerge"):
+        adapters.use("b")
+    unmerge_lora(model)
+    adapters.use("b")

@@ -9,11 +9,12 @@ import json
 import logging
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from loralab.errors import ArtifactError
 from loralab.files import write_json, write_safetensors
-from loralab.lora import inject_lora, load_lora_state_dict, lora_layers, lora_state_dict, remove_lora, set_lora_enabled
+from loralab.lora import inject_lora, is_lora_name, load_lora_state_dict, lora_layers, lora_state_dict, remove_lora, set_lora_enabled
 from loralab.weights import fingerprint, read_safetensors
 
 log = logging.getLogger(__name__)
@@ -131,6 +132,9 @@ class AdapterSet:
         self.base_sha256 = fingerprint(model)
         self.adapters: dict[str, tuple[dict, dict, str]] = {}
         self.active: str | None = None
+        self._structure: tuple | None = None  # the adapters' layout now injected in the model
+        self._params: dict[str, torch.Tensor] = {}
+        self._layers: list = []
 
     def add(self, name: str, directory: str | Path) -> None:
         if name in self.adapters:
@@ -147,15 +151,26 @@ class AdapterSet:
             if name not in self.adapters:
                 raise ArtifactError(f"no adapter named {name!r}; loaded: {', '.join(self.adapters) or 'none'}")
             config, state, source = self.adapters[name]
-            if not self._fits(config):
+            if self._fits(config):
+                if any(layer.merged for layer in self._layers):
+                    raise RuntimeError("an adapter is merged; call unmerge_lora(model) before switching")
+                with torch.no_grad():  # the fast path: copy A and B into the layers as they are
+                    for key, tensor in state.items():
+                        self._params[key].copy_(tensor)
+            else:
                 remove_lora(self.model)
-            apply_adapter(self.model, config, state, source)
+                apply_adapter(self.model, config, state, source)
+                self._params = {n: p for n, p in self.model.named_parameters() if is_lora_name(n)}
+                self._layers = list(lora_layers(self.model).values())
+                self._structure = self._signature(config)
             set_lora_enabled(self.model, True)
         self.active = name
 
+    @staticmethod
+    def _signature(config: dict) -> tuple:
+        targets = config["target_modules"]
+        return (tuple(targets) if isinstance(targets, list) else targets, int(config["r"]),
+                float(config["lora_alpha"]), bool(config.get("use_rslora", False)))
+
     def _fits(self, config: dict) -> bool:
-        layers = lora_layers(self.model)
-        return sorted(layers) == sorted(config["target_modules"] if isinstance(config["target_modules"], list) else []) and all(
-            (layer.rank, layer.alpha, layer.rslora) == (int(config["r"]), float(config["lora_alpha"]), bool(config.get("use_rslora", False)))
-            for layer in layers.values()
-        )
+        return self._structure is not None and self._structure == self._signature(config)

@@ -1,12 +1,29 @@
-"""The LoRA fine-tuning callback: inject adapters, freeze the base, prove it stayed untouched."""
+"""Lightning callbacks: LoRA fine-tuning (inject, freeze, prove the base untouched) and the resume hint."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import lightning as L
 from lightning.pytorch.callbacks import BaseFinetuning
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from loralab.lora import count_parameters, inject_lora, mark_only_lora_trainable
 from loralab.weights import fingerprint
+
+
+class ResumeHint(L.Callback):
+    """On Ctrl-C or SIGTERM, say where the last checkpoint is and how to continue from it."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, (KeyboardInterrupt, SIGTERMException)):
+            last = self.run_dir / "checkpoints" / "last.ckpt"
+            where = f"the last checkpoint is {last}" if last.exists() else "no epoch finished, so there is no checkpoint yet"
+            print(f"interrupted: {where}; resume with: python train.py stage=pretrain resume={self.run_dir}", file=sys.stderr)
 
 
 class BaseChangedError(RuntimeError):

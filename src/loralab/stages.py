@@ -18,7 +18,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from loralab.adapter import AdapterSet, save_adapter
-from loralab.callbacks import LoRAFinetuning
+from loralab.callbacks import LoRAFinetuning, ResumeHint
 from loralab.classifier import Classifier
 from loralab.data import MNISTDataModule
 from loralab.errors import ArtifactError
@@ -111,13 +111,27 @@ def base_metrics(cfg: DictConfig, model: MLP, digits: list[int]) -> dict:
     }
 
 
+def resume_checkpoint(resume: str) -> Path:
+    """The last checkpoint of an interrupted pretrain run, checked to load safely before training."""
+    ckpt = Path(resume) / "checkpoints" / "last.ckpt"
+    if not ckpt.exists():
+        raise ArtifactError(f"resume={resume} has no checkpoints/last.ckpt; pass the run dir of an interrupted pretrain")
+    try:
+        torch.load(ckpt, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - every failure here means "not a safe, whole checkpoint"
+        raise ArtifactError(f"{ckpt} is not a loadable checkpoint (refused: {str(err).splitlines()[0][:160]})") from None
+    return ckpt
+
+
 def pretrain(cfg: DictConfig, run_dir: Path) -> dict:
     digits = check_digits(cfg.data.digits)
     datamodule = make_datamodule(cfg, digits)
     model = MLP(list(cfg.model.sizes))
     module = Classifier(model, lr=cfg.optim.lr, target_digits=digits, scheduler=cfg.optim.scheduler)
-    trainer = make_trainer(cfg, run_dir, [], checkpoint=True)
-    fit_s = timed(trainer.fit, module, datamodule=datamodule)
+    ckpt = resume_checkpoint(cfg.resume) if cfg.resume else None
+    trainer = make_trainer(cfg, run_dir, [ResumeHint(run_dir)], checkpoint=True)
+    # weights_only: a checkpoint is data; unpickling arbitrary objects from it could run code.
+    fit_s = timed(trainer.fit, module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
     test_s = timed(trainer.test, module, datamodule=datamodule, verbose=False)
     sha = save_base(model, run_dir / BASE_FILE, cfg.model.name)
     metrics = base_metrics(cfg, model, digits) | {
