@@ -1,8 +1,11 @@
 """The CLI as users run it: one line per bad input, non-zero exit, nothing left behind or touched."""
 
+import csv
 import hashlib
+import json
 
 import pytest
+from safetensors.torch import load_file
 
 from conftest import SLICE, train_py
 
@@ -82,10 +85,20 @@ def test_rank_sweep_writes_a_summary(tmp_path, pretrained):
     assert "Sweep summary" in done.stdout
 
 
-def test_a_failing_job_is_reported_and_the_others_finish(tmp_path, pretrained):
-    done = train_py("stage=finetune", "lora.rank=1,0", f"base={pretrained[1]}", *SLICE, "trainer.max_steps=3", f"output_root={tmp_path}", "-m")
-    assert done.returncode == 1
+def test_twelve_job_sweep_with_bad_values_finishes_the_rest(tmp_path, pretrained):
+    """ranks x alphas x digit sets = 12 jobs; rank 0 is invalid in 4 of them."""
+    done = train_py("stage=finetune", "lora.rank=1,2,0", "lora.alpha=1,4", "digits=nine,weak", f"base={pretrained[1]}",
+                    *SLICE, "trainer.max_steps=3", f"output_root={tmp_path}", "-m")
+    assert done.returncode == 1 and "4 of 12 jobs failed" in done.stderr
     (sweep,) = (tmp_path / "finetune-sweep").iterdir()
-    rows = (sweep / "summary.csv").read_text().splitlines()
-    assert ",ok," in rows[1] and "failed: lora.rank=0" in rows[2]
-    assert next(sweep.glob("0_*/metrics.json")).exists()
+    rows = list(csv.DictReader((sweep / "summary.csv").open()))
+    assert len(rows) == 12
+    ok = [r for r in rows if r["status"] == "ok"]
+    failed = [r for r in rows if r["status"] != "ok"]
+    assert len(ok) == 8 and all("lora.rank=0" in r["status"] for r in failed)
+    for row in ok:  # every finished job's artifacts are whole
+        job = sweep / row["job"]
+        metrics = json.loads((job / "metrics.json").read_text())
+        assert metrics["base_unchanged"] and metrics["lora"]["rank"] == int(row["rank"])
+        load_file(job / "adapter_model.safetensors")
+        assert not list(job.glob(".*.tmp"))

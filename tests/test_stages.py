@@ -1,5 +1,6 @@
 """The real stages, composed from the real Hydra config, on a small real slice of MNIST."""
 
+import hashlib
 import json
 
 import pytest
@@ -62,6 +63,7 @@ def test_finetune_writes_the_contract(finetuned, pretrained):
     # Adapters off must reproduce the pretrained model's test exactly.
     assert metrics["test_base"] == base_metrics["test"]
     assert metrics["base_sha256"] == base_metrics["base_sha256"] and metrics["base_unchanged"] is True
+    assert metrics["base_file_sha256"] == hashlib.sha256((base_dir / "base.safetensors").read_bytes()).hexdigest()
     assert metrics["test"] != metrics["test_base"]  # the adapter did something
     assert (run_dir / "adapter_model.safetensors").stat().st_size < 40_000
 

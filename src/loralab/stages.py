@@ -27,7 +27,7 @@ from loralab.lora import count_parameters, lora_layers, merge_lora, set_lora_ena
 from loralab.model import MLP
 from loralab.report import digit_table, split_wrong
 from loralab.validate import check_digits
-from loralab.weights import BASE_FILE, FULL_FILE, fingerprint, load_base, resolve_base, save_base
+from loralab.weights import BASE_FILE, FULL_FILE, file_sha256, fingerprint, load_base, resolve_base, save_base
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +173,7 @@ def finetune(cfg: DictConfig, run_dir: Path) -> dict:
     sizes = list(cfg.model.sizes)
     base_path = resolve_base(cfg.base, cfg.output_root, sizes)
     digits = worst_digits(base_path, cfg.data.auto_k) if cfg.data.digits == "auto" else check_digits(cfg.data.digits)
+    base_file_sha = file_sha256(base_path)
     model, base_meta = load_base(base_path, sizes)
     log.info("fine-tuning base %s on digits %s", base_path, digits)
     datamodule = make_datamodule(cfg, digits)
@@ -199,6 +200,8 @@ def finetune(cfg: DictConfig, run_dir: Path) -> dict:
     if base_meta.get("weights_sha256") not in (None, base_sha):
         log.warning("%s records weights sha256 %s but holds %s: the file was changed after pretraining",
                     base_path, base_meta["weights_sha256"][:12], base_sha[:12])
+    if file_sha256(base_path) != base_file_sha:
+        raise ArtifactError(f"{base_path} changed on disk during this run; something else is writing to it")
     (tb, ob), (ta, oa) = split_wrong(test_base, digits), split_wrong(test, digits)
     metrics = base_metrics(cfg, model, digits) | {
         "method": method,
@@ -208,6 +211,7 @@ def finetune(cfg: DictConfig, run_dir: Path) -> dict:
         "lora": lora_summary(model, cfg) if lora else None,
         "base": str(base_path),
         "base_sha256": base_sha,
+        "base_file_sha256": base_file_sha,
         "base_unchanged": lora.base_unchanged if lora else None,
         "optimizer_state_bytes": optimizer_state_bytes(trainer),
         "artifact_bytes": sum(Path(p).stat().st_size for p in artifacts.values()),

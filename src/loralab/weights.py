@@ -42,6 +42,14 @@ def fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:  # read-only: a base file is never opened for writing here
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def save_base(model: MLP, path: str | Path, name: str) -> str:
     sha = fingerprint(model)
     meta = {"format": "pt", "model": json.dumps({"name": name, "sizes": model.sizes}), "weights_sha256": sha}
