@@ -55,4 +55,5 @@ def run_job(cfg: DictConfig) -> float | None:
             return None
         discard_if_empty(run_dir, Path(cfg.output_root))
         sys.exit(2)
-    return metrics["test"]["acc"]
+    # Hydra sweepers (Optuna) optimise the returned value.
+    return metrics.get("objective", metrics["test"]["acc"])

@@ -208,6 +208,8 @@ def finetune(cfg: DictConfig, run_dir: Path) -> dict:
         "test": test,
         "test_base": test_base,
         "forgetting": oa - ob,
+        # What a sweeper maximises: target-digit errors fixed minus errors caused elsewhere.
+        "objective": (tb - ta) - (oa - ob),
         "lora": lora_summary(model, cfg) if lora else None,
         "base": str(base_path),
         "base_sha256": base_sha,
