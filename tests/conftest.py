@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
-from omegaconf import open_dict
 
 from loralab.mnist import ensure_mnist
 from loralab.stages import run_stage
@@ -26,6 +25,16 @@ SLICE = [
     "trainer.enable_progress_bar=false",
     "accelerator=cpu",
 ]
+
+
+class MakesADirectory:
+    """Unpickling this runs os.makedirs: the evidence that a loader executed code it should not."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.makedirs, (self.path,))
 
 
 def make_cfg(overrides: list[str], output_root: Path):

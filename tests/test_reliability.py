@@ -1,5 +1,6 @@
 """Reproducible runs, resuming after a SIGKILL, and refusing unsafe checkpoints."""
 
+import json
 import os
 import pickle
 import signal
@@ -7,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from conftest import DATA_DIR, ROOT, SLICE, run, train_py
+from conftest import DATA_DIR, ROOT, SLICE, MakesADirectory, run, train_py
 from test_cli import assert_one_line_error
 
 VOLATILE = {"seconds", "artifacts", "config", "base", "git_commit"}
@@ -42,19 +43,9 @@ def test_killed_pretrain_resumes_to_the_same_result(tmp_path):
     assert last.exists() and not (killed_dir / "metrics.json").exists()
     done = train_py(*overrides, f"resume={killed_dir}", f"hydra.run.dir={tmp_path / 'resumed'}")
     assert done.returncode == 0, done.stderr
-    import json
-
     resumed = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
     assert resumed["test"] == uninterrupted["test"]
     assert resumed["base_sha256"] == uninterrupted["base_sha256"]
-
-
-class MakesADirectory:
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return (os.makedirs, (self.path,))
 
 
 def test_malicious_checkpoint_is_refused_without_running(tmp_path):

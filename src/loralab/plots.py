@@ -45,9 +45,9 @@ def per_digit_figure(runs: dict[str, dict]):
 
 def tradeoff_figure(runs: dict[str, dict]):
     """Target-digit gain and forgetting for each fine-tune, LoRA ranks and full fine-tuning."""
-    rows = [(name, m) for name, m in runs.items() if "test_base" in m]
+    finetunes = [m for m in runs.values() if "test_base" in m]
     labels, gains, forgetting = [], [], []
-    for name, m in sorted(rows, key=lambda r: (r[1].get("method") == "full", (r[1].get("lora") or {}).get("rank", 0))):
+    for m in sorted(finetunes, key=lambda m: (m.get("method") == "full", (m.get("lora") or {}).get("rank", 0))):
         (tb, _), (ta, _) = split_wrong(m["test_base"], m["digits"]), split_wrong(m["test"], m["digits"])
         lora = m.get("lora")
         labels.append(f"r={lora['rank']}" if lora else "full")

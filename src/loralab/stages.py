@@ -95,7 +95,8 @@ def log_hparams(trainer: L.Trainer, cfg: DictConfig, metrics: dict) -> None:
         hparams.update({f"lora.{k}": v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in metrics["lora"].items()})
     before = metrics.get("test_base", metrics["test"])
     (tb, ob), (ta, oa) = split_wrong(before, metrics["digits"]), split_wrong(metrics["test"], metrics["digits"])
-    results = {"hp/test_acc": metrics["test"]["acc"], "hp/target_wrong": ta, "hp/other_wrong": oa, "hp/forgetting": oa - ob}
+    results = {"hp/test_acc": metrics["test"]["acc"], "hp/target_wrong": ta, "hp/other_wrong": oa,
+               "hp/target_gain": tb - ta, "hp/forgetting": oa - ob}
     trainer.logger.log_hyperparams(hparams, results)
     trainer.logger.save()
 
