@@ -3,6 +3,7 @@ median of the timed repetitions after warm-up.
 
     python -m loralab.bench                 # prints a table, writes bench.json
     python -m loralab.bench --reps 3 --quick  # the smoke test's size
+    python -m loralab.bench --only-protocol --out protocol.json   # the seeds' whole protocol
 """
 
 from __future__ import annotations
@@ -10,8 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -205,24 +209,51 @@ def memory() -> dict:
     return out
 
 
+def seeds_protocol(data_dir: str) -> dict:
+    """The seeds' whole protocol (pretrain 1 epoch at batch 10, fine-tune 100 steps), end to end as
+    commands: loralab's CLI against the seed-style plain loop. Minutes long, so run once each."""
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "LORALAB_DATA_DIR": str(Path(data_dir).resolve())}
+    with tempfile.TemporaryDirectory() as out:
+        loralab_cmds = [
+            [sys.executable, str(root / "train.py"), "stage=pretrain", "trainer.max_epochs=1", "data.batch_size=10",
+             "optim.scheduler=none", "trainer.enable_progress_bar=false", f"output_root={out}"],
+            [sys.executable, str(root / "train.py"), "stage=finetune", "trainer.enable_progress_bar=false", f"output_root={out}"],
+        ]
+        reference_cmds = [[sys.executable, "-m", "loralab.seeds_reference", str(data_dir)]]
+        seconds = {}
+        for name, cmds in (("loralab", loralab_cmds), ("reference", reference_cmds)):
+            start = time.perf_counter()
+            for cmd in cmds:
+                subprocess.run(cmd, check=True, env=env, capture_output=True)
+            seconds[name] = time.perf_counter() - start
+    return {"loralab_s": seconds["loralab"], "reference_s": seconds["reference"],
+            "loralab_vs_reference": seconds["loralab"] / seconds["reference"]}
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description="loralab benchmarks")
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--quick", action="store_true", help="tiny sizes for the smoke test")
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--out", type=Path, default=Path("bench.json"))
+    parser.add_argument("--protocol", action="store_true", help="also time the seeds' whole protocol (minutes)")
+    parser.add_argument("--only-protocol", action="store_true", help="time only the seeds' whole protocol")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     torch.set_flush_denormal(True)
     results = {"machine": {"platform": platform.platform(), "processor": platform.processor(), "threads": 2,
                            "torch": torch.__version__}, "reps": args.reps}
-    for bs in (64, 256):
-        for rank in (1, 4):
-            results[f"train_step_bs{bs}_r{rank}"] = train_steps(bs, rank, args.reps)
-    results["lightning_epoch"] = lightning_epoch(args.data_dir, 20 if args.quick else None, 1 if args.quick else 3)
-    results["inference"] = inference(args.reps)
-    results["switching"] = switching(args.reps)
-    results["memory"] = memory()
+    if not args.only_protocol:
+        for bs in (64, 256):
+            for rank in (1, 4):
+                results[f"train_step_bs{bs}_r{rank}"] = train_steps(bs, rank, args.reps)
+        results["lightning_epoch"] = lightning_epoch(args.data_dir, 20 if args.quick else None, 1 if args.quick else 3)
+        results["inference"] = inference(args.reps)
+        results["switching"] = switching(args.reps)
+        results["memory"] = memory()
+    if args.protocol or args.only_protocol:
+        results["seeds_protocol"] = seeds_protocol(args.data_dir)
     write_json(args.out, results)
     for key, value in results.items():
         print(f"{key}: {json.dumps(value, default=lambda v: round(v, 4))}")
