@@ -27,5 +27,8 @@ run: data
 test: data
 	LORALAB_DATA_DIR=$(abspath $(DATA)) $(BIN)/python -m pytest
 
+bench: data
+	$(BIN)/python -m loralab.bench --data-dir $(DATA) --out docs/bench.json
+
 clean:
 	rm -rf outputs/*/ multirun .pytest_cache
