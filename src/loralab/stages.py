@@ -194,15 +194,16 @@ def finetune(cfg: DictConfig, run_dir: Path) -> dict:
         set_lora_enabled(model, False)
         test_base = test_as(trainer, module, datamodule, "test_base")
         set_lora_enabled(model, True)
+    if base_meta.get("weights_sha256") not in (None, base_sha):
+        log.warning("%s records weights sha256 %s but holds %s: the file was changed after pretraining",
+                    base_path, base_meta["weights_sha256"][:12], base_sha[:12])
+    if file_sha256(base_path) != base_file_sha:  # checked before any artifact of this run is written
+        raise ArtifactError(f"{base_path} changed on disk during this run; something else is writing to it")
+    if method == "lora":
         artifacts = save_adapter(model, run_dir, sizes)
     else:
         save_base(model, run_dir / FULL_FILE, cfg.model.name)
         artifacts = {"model": run_dir / FULL_FILE}
-    if base_meta.get("weights_sha256") not in (None, base_sha):
-        log.warning("%s records weights sha256 %s but holds %s: the file was changed after pretraining",
-                    base_path, base_meta["weights_sha256"][:12], base_sha[:12])
-    if file_sha256(base_path) != base_file_sha:
-        raise ArtifactError(f"{base_path} changed on disk during this run; something else is writing to it")
     (tb, ob), (ta, oa) = split_wrong(test_base, digits), split_wrong(test, digits)
     metrics = base_metrics(cfg, model, digits) | {
         "method": method,
