@@ -88,16 +88,21 @@ def read_adapter(directory: str | Path) -> tuple[dict, dict, dict]:
     return config, {from_peft_key(k): t for k, t in tensors.items()}, meta
 
 
-def apply_adapter(model: nn.Module, config: dict, state: dict, source: str) -> None:
+def lora_settings(config: dict) -> dict:
+    """The inject_lora arguments an adapter config asks for, read once from PEFT's field names."""
+    targets = config["target_modules"]
+    return {
+        "targets": tuple(targets) if isinstance(targets, list) else targets,
+        "rank": int(config["r"]),
+        "alpha": float(config["lora_alpha"]),
+        "rslora": bool(config.get("use_rslora", False)),
+    }
+
+
+def apply_adapter(model: nn.Module, settings: dict, state: dict, source: str) -> None:
     """Fill ``model``'s adapters from a read adapter, injecting them first where needed."""
     try:
-        inject_lora(
-            model,
-            config["target_modules"],
-            rank=int(config["r"]),
-            alpha=float(config["lora_alpha"]),
-            rslora=bool(config.get("use_rslora", False)),
-        )
+        inject_lora(model, **settings)
         load_lora_state_dict(model, state)
     except ValueError as err:
         raise ArtifactError(f"adapter in {source} does not fit this base model: {err}") from None
@@ -114,7 +119,7 @@ def load_adapter(model: nn.Module, directory: str | Path) -> dict:
     Refuses an adapter whose shapes do not fit ``model``; warns when only the base differs.
     """
     config, state, meta = read_adapter(directory)
-    apply_adapter(model, config, state, str(directory))
+    apply_adapter(model, lora_settings(config), state, str(directory))
     warn_if_other_base(meta, fingerprint(model), str(directory))
     return config
 
@@ -130,9 +135,9 @@ class AdapterSet:
     def __init__(self, model: nn.Module):
         self.model = model
         self.base_sha256 = fingerprint(model)
-        self.adapters: dict[str, tuple[dict, dict, str]] = {}
+        self.adapters: dict[str, tuple[dict, dict, str]] = {}  # name -> (lora settings, tensors, source)
         self.active: str | None = None
-        self._structure: tuple | None = None  # the adapters' layout now injected in the model
+        self._injected: dict | None = None  # the settings of the adapters now wrapped in the model
         self._params: dict[str, torch.Tensor] = {}
         self._layers: list = []
 
@@ -141,7 +146,7 @@ class AdapterSet:
             raise ArtifactError(f"an adapter named {name!r} is already loaded; give each adapter its own name")
         config, state, meta = read_adapter(directory)
         warn_if_other_base(meta, self.base_sha256, str(directory))
-        self.adapters[name] = (config, state, str(directory))
+        self.adapters[name] = (lora_settings(config), state, str(directory))
 
     def use(self, name: str | None) -> None:
         """Switch to adapter ``name``; ``None`` switches adapters off (the base model exactly)."""
@@ -150,8 +155,8 @@ class AdapterSet:
         else:
             if name not in self.adapters:
                 raise ArtifactError(f"no adapter named {name!r}; loaded: {', '.join(self.adapters) or 'none'}")
-            config, state, source = self.adapters[name]
-            if self._fits(config):
+            settings, state, source = self.adapters[name]
+            if settings == self._injected:
                 if any(layer.merged for layer in self._layers):
                     raise RuntimeError("an adapter is merged; call unmerge_lora(model) before switching")
                 with torch.no_grad():  # the fast path: copy A and B into the layers as they are
@@ -159,18 +164,9 @@ class AdapterSet:
                         self._params[key].copy_(tensor)
             else:
                 remove_lora(self.model)
-                apply_adapter(self.model, config, state, source)
+                apply_adapter(self.model, settings, state, source)
                 self._params = {n: p for n, p in self.model.named_parameters() if is_lora_name(n)}
                 self._layers = list(lora_layers(self.model).values())
-                self._structure = self._signature(config)
+                self._injected = settings
             set_lora_enabled(self.model, True)
         self.active = name
-
-    @staticmethod
-    def _signature(config: dict) -> tuple:
-        targets = config["target_modules"]
-        return (tuple(targets) if isinstance(targets, list) else targets, int(config["r"]),
-                float(config["lora_alpha"]), bool(config.get("use_rslora", False)))
-
-    def _fits(self, config: dict) -> bool:
-        return self._structure is not None and self._structure == self._signature(config)
