@@ -11,6 +11,7 @@ from loralab.lora import (
     count_parameters,
     inject_lora,
     load_lora_state_dict,
+    lora_disabled,
     lora_state_dict,
     mark_only_lora_trainable,
     merge_lora,
@@ -174,3 +175,19 @@ def test_state_dict_round_trip_gives_identical_outputs():
     assert torch.equal(fresh(x), trained(x))
     with pytest.raises(ValueError, match="missing"):
         load_lora_state_dict(fresh, {k: v for k, v in state.items() if "linear1" not in k})
+
+
+def test_lora_disabled_gives_the_base_and_restores_each_layer():
+    torch.manual_seed(0)
+    model = MLP([20, 30, 10])
+    plain = model(torch.ones(2, 20))
+    inject_lora(model, ["linear1", "linear2"], rank=2, alpha=2)
+    for layer in (model.linear1, model.linear2):
+        nn.init.normal_(layer.lora_B)
+    model.linear2.enabled = False  # a mixed state must come back as it was
+    with lora_disabled(model):
+        assert torch.equal(model(torch.ones(2, 20)), plain)
+    assert model.linear1.enabled and not model.linear2.enabled
+    with pytest.raises(ZeroDivisionError), lora_disabled(model):
+        1 / 0
+    assert model.linear1.enabled

@@ -126,4 +126,5 @@ def test_full_finetune_writes_the_same_schema(finetuned, pretrained, outputs):
 
 def test_replay_experiment_runs(pretrained, outputs):
     metrics, _ = run([*SLICE, "experiment=no_forgetting", "trainer.max_steps=3", f"base={pretrained[1]}"], outputs, "replay")
-    assert metrics["config"]["data"]["replay"] == 0.2 and metrics["lora"]["rank"] == 8
+    assert metrics["config"]["data"]["replay"] == 0.15 and metrics["config"]["finetune"]["distill"] == 0.1
+    assert metrics["lora"]["rank"] == 8 and metrics["lora"]["alpha"] == 32

@@ -30,6 +30,8 @@ BAD = [
     (["optim.lr=0"], "optim.lr=0"),
     (["optim.scheduler=linear"], "optim.scheduler"),
     (["model.sizes=[784,10,5]"], "784 inputs and 10 outputs"),
+    (["stage=finetune", "finetune.distill=-1"], "finetune.distill=-1"),
+    (["stage=finetune", "finetune.distill=0.5"], "set data.replay > 0"),
 ]
 
 

@@ -14,6 +14,10 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
+from loralab.errors import ArtifactError
+from loralab.lora import is_lora_name, lora_disabled, lora_layers
+from loralab.weights import fingerprint
+
 matplotlib.use("Agg")  # figures go to TensorBoard, never to a screen
 
 NUM_CLASSES = 10
@@ -30,10 +34,23 @@ def digit_metrics() -> MetricCollection:
 
 
 class Classifier(L.LightningModule):
-    def __init__(self, model: nn.Module, lr: float = 1e-3, target_digits: list[int] | None = None, scheduler: str = "none"):
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 1e-3,
+        target_digits: list[int] | None = None,
+        scheduler: str = "none",
+        distill: float = 0.0,
+        frozen_base: nn.Module | None = None,
+    ):
         super().__init__()
         self.model, self.lr, self.scheduler = model, lr, scheduler
         self.target_digits = list(range(NUM_CLASSES)) if target_digits is None else sorted(target_digits)
+        # Learning without Forgetting (Li & Hoiem, 2016): on the replayed images of the other
+        # digits, also match the base model's output distribution, not only the label. The base
+        # is the model with its adapters off, or, for a full fine-tune, a frozen copy.
+        self.distill, self.frozen_base = distill, frozen_base
+        self.register_buffer("target_mask", torch.isin(torch.arange(NUM_CLASSES), torch.tensor(self.target_digits)), persistent=False)
         self.val_metrics = digit_metrics()
         self.test_metrics = digit_metrics()
         self.test_prefix = "test"  # the fine-tune stage tests a second time as "test_base"
@@ -56,9 +73,46 @@ class Classifier(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        loss = F.cross_entropy(self(x), y)
+        logits = self(x)
+        loss = F.cross_entropy(logits, y)
+        if self.distill:
+            distill = self.distill_loss(x, y, logits)
+            self.log("train/distill", distill)
+            loss = loss + self.distill * distill
         self.log("train/loss", loss, prog_bar=True)
         return loss
+
+    def distill_loss(self, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """KL(base || model) on the batch's other-digit (replay) images; 0 when it has none."""
+        other = ~self.target_mask[y]
+        if not other.any():
+            return logits.new_zeros(())
+        x, logits = x[other], logits[other]
+        with torch.no_grad():
+            if self.frozen_base is not None:
+                base = self.frozen_base(x)
+            else:
+                with lora_disabled(self.model):
+                    base = self.model(x)
+        return F.kl_div(F.log_softmax(logits, dim=1), F.log_softmax(base, dim=1), log_target=True, reduction="batchmean")
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """A LoRA run's checkpoint keeps its adapter and the base's fingerprint, not another copy
+        of the frozen base (kilobytes, not 11 MB); no checkpoint keeps the frozen distillation copy."""
+        state = checkpoint["state_dict"]
+        if lora_layers(self.model):
+            checkpoint["base_sha256"] = fingerprint(self.model)
+            checkpoint["state_dict"] = {k: v for k, v in state.items() if is_lora_name(k)}
+        else:
+            checkpoint["state_dict"] = {k: v for k, v in state.items() if not k.startswith("frozen_base.")}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        expected = checkpoint.get("base_sha256")
+        if expected is not None and expected != fingerprint(self.model):
+            raise ArtifactError(f"the checkpoint was trained on a base with sha256 {expected[:12]}…, not the base given now; resume with the same base=")
+        # What was left out on saving is, verified above, what this module holds now.
+        for name, tensor in self.state_dict().items():
+            checkpoint["state_dict"].setdefault(name, tensor)
 
     def validation_step(self, batch, batch_idx):
         x, y = batch

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -168,6 +169,19 @@ def set_lora_enabled(model: nn.Module, enabled: bool) -> None:
         if layer.merged and not enabled:
             raise RuntimeError(f"{name} is merged; call unmerge_lora(model) before disabling adapters")
         layer.enabled = enabled
+
+
+@contextmanager
+def lora_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """The base model, for the duration of the block (PEFT's ``disable_adapter()``)."""
+    layers = lora_layers(model)
+    before = {name: layer.enabled for name, layer in layers.items()}
+    set_lora_enabled(model, False)
+    try:
+        yield model
+    finally:
+        for name, layer in layers.items():
+            layer.enabled = before[name]
 
 
 def merge_lora(model: nn.Module) -> None:

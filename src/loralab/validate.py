@@ -120,4 +120,7 @@ def check_config(cfg: DictConfig) -> None:
     if stage == "finetune":
         if cfg.finetune.method not in METHODS:
             raise _bad("finetune.method", cfg.finetune.method, f"expected one of {', '.join(METHODS)}")
+        _number("finetune.distill", cfg.finetune.distill, 0)
+        if cfg.finetune.distill and not cfg.data.replay:
+            raise _bad("finetune.distill", cfg.finetune.distill, "distillation acts on replayed images; set data.replay > 0 too")
         check_lora(cfg.lora, list(cfg.model.sizes))
