@@ -2,6 +2,7 @@
 
 import hydra
 
+from loralab.cli import main as run_cli
 from loralab.cli import run_job
 
 
@@ -11,4 +12,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

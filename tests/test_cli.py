@@ -59,9 +59,23 @@ def test_bad_base_files(tmp_path, pretrained):
     assert_one_line_error(small, "784-1000-2000-10 model but the configured model is 784-128-64-10")
 
 
-def test_unknown_group_is_refused(tmp_path):
-    done = train_py("model=huge_mlp", f"output_root={tmp_path}")
-    assert done.returncode != 0 and "huge_mlp" in done.stderr
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["model=huge_mlp"], ["model=huge_mlp is not a config in conf/model/", "expensive_mlp, small_mlp"]),
+        (["stage=nope"], ["stage=nope", "eval, finetune, pretrain"]),
+        (["accelerator=tpu"], ["accelerator=tpu", "auto, cpu, gpu"]),
+        (["digits=ten"], ["digits=ten", "all, auto, nine, weak"]),
+        (["lora=qlora", "stage=finetune"], ["lora=qlora", "peft, seeds"]),
+        (["experiment=no_forgeting"], ["experiment=no_forgeting", "no_forgetting"]),  # a typo never runs the default
+        (["lora.rnk=4"], ["lora.rnk", "not in struct"]),
+        (["lora.rank=[1"], ["does not parse"]),
+    ],
+)
+def test_config_that_does_not_compose_gives_one_line(args, fragments, tmp_path):
+    done = train_py(f"output_root={tmp_path}", *args)
+    assert_one_line_error(done, *fragments)
+    assert done.returncode == 2 and list(tmp_path.iterdir()) == []
 
 
 def test_finished_run_dir_is_never_overwritten(pretrained):

@@ -3,10 +3,13 @@
 import json
 import os
 import pickle
+import shlex
 import signal
 import subprocess
 import sys
 import time
+
+import torch
 
 from conftest import DATA_DIR, ROOT, SLICE, MakesADirectory, run, train_py
 from test_cli import assert_one_line_error
@@ -46,6 +49,74 @@ def test_killed_pretrain_resumes_to_the_same_result(tmp_path):
     resumed = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
     assert resumed["test"] == uninterrupted["test"]
     assert resumed["base_sha256"] == uninterrupted["base_sha256"]
+
+
+def start_and_wait_for_checkpoint(overrides: list[str], run_dir) -> subprocess.Popen:
+    cmd = [sys.executable, str(ROOT / "train.py"), *overrides, f"hydra.run.dir={run_dir}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "LORALAB_DATA_DIR": str(DATA_DIR)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 300
+    while not last.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert last.exists(), proc.communicate()
+    return proc
+
+
+def finetune_overrides(base_dir) -> list[str]:
+    # Whole epochs of digit 9 are 540 batches: every checkpoint (each 20 steps) falls mid-epoch.
+    return [*SLICE, "trainer.limit_train_batches=null", "stage=finetune", f"base={base_dir}",
+            "trainer.max_steps=300", "trainer.val_check_interval=20", "data.replay=0.3"]
+
+
+def test_killed_finetune_resumes_mid_epoch_to_the_same_result(pretrained, tmp_path):
+    overrides = finetune_overrides(pretrained[1])
+    uninterrupted, _ = run(overrides, tmp_path, "whole")
+    killed_dir = tmp_path / "killed"
+    proc = start_and_wait_for_checkpoint(overrides, killed_dir)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert not (killed_dir / "metrics.json").exists()
+    assert torch.load(killed_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] < 300
+    done = train_py(*overrides, f"resume={killed_dir}", f"hydra.run.dir={tmp_path / 'resumed'}")
+    assert done.returncode == 0, done.stderr
+    resumed = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
+    assert resumed["test"] == uninterrupted["test"] and resumed["test_base"] == uninterrupted["test_base"]
+    assert resumed["base_unchanged"] is True
+    # The LoRA checkpoint holds the adapter and the optimizer, not another copy of the base.
+    assert (killed_dir / "checkpoints" / "last.ckpt").stat().st_size < 1_000_000
+
+
+def test_sigterm_stops_cleanly_and_prints_the_resume_command(pretrained, tmp_path):
+    # Long enough (3,000 steps) that the signal lands in the middle of training.
+    overrides = [*finetune_overrides(pretrained[1]), "trainer.max_steps=3000", "trainer.val_check_interval=100"]
+    run_dir = tmp_path / "terminated"
+    proc = start_and_wait_for_checkpoint(overrides, run_dir)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "Traceback" not in stderr
+    hint = [line for line in stderr.splitlines() if line.startswith("interrupted:")]
+    assert len(hint) == 1 and f"resume={run_dir}" in hint[0], stderr
+    assert not (run_dir / "metrics.json").exists()
+    stopped_at = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    assert 0 < stopped_at < 3000
+    args = shlex.split(hint[0].split("resume with: ", 1)[1])
+    assert args[:2] == ["python", "train.py"]
+    done = train_py(*args[2:], f"hydra.run.dir={tmp_path / 'resumed'}")  # the hint's command, as typed
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "resumed" / "metrics.json").read_text())["status"] == "ok"
+
+
+def test_resume_with_another_config_is_refused(pretrained, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start_and_wait_for_checkpoint(finetune_overrides(pretrained[1]), run_dir)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    changed = [o if o != "data.replay=0.3" else "data.replay=0.5" for o in finetune_overrides(pretrained[1])]
+    done = train_py(*changed, f"resume={run_dir}", f"hydra.run.dir={tmp_path / 'resumed'}")
+    assert_one_line_error(done, "ran with data.replay=0.3, not 0.5")
+    assert "resume with: python train.py" in done.stderr and not (tmp_path / "resumed").exists()
 
 
 def test_malicious_checkpoint_is_refused_without_running(tmp_path):

@@ -14,16 +14,19 @@ from loralab.weights import fingerprint
 
 
 class ResumeHint(L.Callback):
-    """On Ctrl-C or SIGTERM, say where the last checkpoint is and how to continue from it."""
+    """On Ctrl-C or SIGTERM, say where the last checkpoint is and the command that continues."""
 
-    def __init__(self, run_dir: Path):
-        self.run_dir = run_dir
+    def __init__(self, command: str):
+        self.command = command
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, (KeyboardInterrupt, SIGTERMException)):
-            last = self.run_dir / "checkpoints" / "last.ckpt"
-            where = f"the last checkpoint is {last}" if last.exists() else "no epoch finished, so there is no checkpoint yet"
-            print(f"interrupted: {where}; resume with: python train.py stage=pretrain resume={self.run_dir}", file=sys.stderr)
+            ckpt = trainer.checkpoint_callback
+            last = Path(ckpt.dirpath) / "last.ckpt" if ckpt is not None and ckpt.dirpath else None
+            if last is not None and last.exists():
+                print(f"interrupted: the last checkpoint is {last}; resume with: {self.command}", file=sys.stderr)
+            else:
+                print("interrupted before the first checkpoint: nothing to resume, start the run again", file=sys.stderr)
 
 
 class BaseChangedError(RuntimeError):

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import signal
 import sys
 import warnings
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from hydra.types import RunMode
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from loralab.errors import ArtifactError, LoralabError
@@ -45,6 +49,10 @@ def run_job(cfg: DictConfig) -> float | None:
         if (run_dir / "metrics.json").exists():
             raise ArtifactError(f"{run_dir} already holds a finished run (metrics.json); choose another hydra.run.dir")
         metrics = run_stage(cfg, run_dir)
+    except SIGTERMException:
+        # Lightning stopped at a step boundary and the ResumeHint callback said how to continue;
+        # SIGTERMException is a SystemExit with code 0, but a terminated run did not succeed.
+        sys.exit(128 + signal.SIGTERM)
     except LoralabError as err:
         if cfg.get("debug"):
             raise
@@ -57,3 +65,30 @@ def run_job(cfg: DictConfig) -> float | None:
         sys.exit(2)
     # Hydra sweepers (Optuna) optimise the returned value.
     return metrics.get("objective", metrics["test"]["acc"])
+
+
+def config_error_line(err: HydraException) -> str:
+    """Hydra's composition errors span several lines; users get one."""
+    if isinstance(err, MissingConfigException) and err.missing_cfg_file and err.options:
+        group, _, name = err.missing_cfg_file.rpartition("/")
+        return f"{group}={name} is not a config in conf/{group}/; choose one of: {', '.join(sorted(err.options))}"
+    parts = [str(err).splitlines()[0].rstrip(".")]
+    if isinstance(err, OverrideParseException):
+        parts.insert(0, "the command line does not parse (overrides are key=value, lists key=[a,b])")
+    if err.__cause__ is not None:
+        parts.append(str(err.__cause__).splitlines()[0])
+    hint = next((line for line in str(err).splitlines()[1:] if line.startswith("To append")), None)
+    return ": ".join(parts) + (f" ({hint[0].lower()}{hint[1:]})" if hint else "")
+
+
+def main(hydra_main) -> None:
+    """Run ``hydra_main``; a config that does not compose ends in one ``error:`` line, exit 2."""
+    # Without this, Hydra prints its own multi-line report and exits 1 before we see the error.
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    try:
+        hydra_main()
+    except HydraException as err:
+        if os.environ.get("LORALAB_DEBUG"):
+            raise
+        print(f"error: {config_error_line(err)}", file=sys.stderr)
+        sys.exit(2)

@@ -49,8 +49,8 @@ class DigitBatchSampler(Sampler):
     """Shuffled batches from ``pool``; with ``replay > 0`` each batch also carries
     ``round(replay * batch_size)`` indices drawn from ``replay_pool`` (the other digits).
 
-    Reseeded from ``seed + epoch`` so every epoch, and a run resumed at an epoch boundary,
-    sees the same order.
+    Reseeded from ``seed + epoch`` so every epoch sees the same order, and a run resumed mid-epoch
+    (``skip`` batches already trained on) draws the same random numbers and yields what follows.
     """
 
     def __init__(self, pool: torch.Tensor, batch_size: int, seed: int, replay_pool: torch.Tensor | None = None, replay: float = 0.0):
@@ -59,6 +59,7 @@ class DigitBatchSampler(Sampler):
         self.n_replay = round(replay * batch_size) if replay_pool is not None and len(replay_pool) else 0
         self.n_own = batch_size - self.n_replay
         self.epoch = 0
+        self.skip = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -69,12 +70,14 @@ class DigitBatchSampler(Sampler):
     def __iter__(self):
         gen = torch.Generator().manual_seed(self.seed + self.epoch)
         order = self.pool[torch.randperm(len(self.pool), generator=gen)]
-        for start in range(0, len(order), self.n_own):
+        skip, self.skip = self.skip, 0  # only the first pass after a resume starts part-way
+        for i, start in enumerate(range(0, len(order), self.n_own)):
             batch = order[start : start + self.n_own]
             if self.n_replay:
                 pick = torch.randint(len(self.replay_pool), (self.n_replay,), generator=gen)
                 batch = torch.cat([batch, self.replay_pool[pick]])
-            yield batch
+            if i >= skip:
+                yield batch
 
 
 class MNISTDataModule(L.LightningDataModule):
@@ -111,6 +114,11 @@ class MNISTDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         sampler = DigitBatchSampler(self.train_pool, self.batch_size, self.seed, self.other_pool, self.replay)
+        trainer = self.trainer
+        if trainer is not None and trainer.fit_loop.restarting:
+            # Resuming from a mid-epoch checkpoint: Lightning has restored how many batches of this
+            # epoch were trained on; without skipping them they would be trained on twice.
+            sampler.skip = trainer.fit_loop.epoch_loop.batch_progress.current.completed
         return DataLoader(self.train_set, sampler=sampler, batch_size=None)
 
     def _sequential(self, dataset: TensorSlices) -> DataLoader:

@@ -3,8 +3,10 @@ LoRA on a digit subset. Each writes metrics.json, the contract with users, scrip
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
+import shlex
 import statistics
 import subprocess
 import time
@@ -22,7 +24,7 @@ from loralab.callbacks import LoRAFinetuning, ResumeHint
 from loralab.classifier import Classifier
 from loralab.data import MNISTDataModule
 from loralab.errors import ArtifactError
-from loralab.files import write_json
+from loralab.files import AtomicCheckpointIO, write_json
 from loralab.lora import count_parameters, lora_layers, merge_lora, set_lora_enabled, unmerge_lora
 from loralab.model import MLP
 from loralab.report import digit_table, split_wrong
@@ -54,12 +56,16 @@ def make_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, checkpoint: bo
     # Event files go straight into the run dir, so `tensorboard --logdir outputs` names runs by path.
     logger = TensorBoardLogger(save_dir=str(run_dir), name="", version="", default_hp_metric=False)
     if checkpoint:
-        callbacks = [*callbacks, ModelCheckpoint(dirpath=run_dir / "checkpoints", save_top_k=0, save_last=True)]
+        # One file, replaced at every validation (mid-epoch too, for fine-tunes): with save_top_k=0,
+        # save_last would only write when training ends, too late for a run that gets killed.
+        checkpoint_cb = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", save_top_k=1, enable_version_counter=False)
+        callbacks = [*callbacks, checkpoint_cb]
     return L.Trainer(
         **OmegaConf.to_container(cfg.trainer, resolve=True),
         logger=logger,
         callbacks=callbacks,
         enable_checkpointing=checkpoint,
+        plugins=[AtomicCheckpointIO()],
         default_root_dir=str(run_dir),
     )
 
@@ -112,11 +118,39 @@ def base_metrics(cfg: DictConfig, model: MLP, digits: list[int]) -> dict:
     }
 
 
-def resume_checkpoint(resume: str) -> Path:
-    """The last checkpoint of an interrupted pretrain run, checked to load safely before training."""
-    ckpt = Path(resume) / "checkpoints" / "last.ckpt"
+# What may differ between a run and its resumption: where things are, not what is trained.
+RESUME_FREE = {"resume", "output_root", "data_dir", "debug", "trainer.enable_progress_bar"}
+
+
+def flat(container, prefix: str = "") -> dict:
+    if not isinstance(container, dict):
+        return {prefix[:-1]: container}
+    return {k: v for key, value in container.items() for k, v in flat(value, f"{prefix}{key}.").items()}
+
+
+def resume_command(run_dir: Path) -> str:
+    """The command that continues ``run_dir``: its own overrides, plus resume=."""
+    overrides_file = run_dir / ".hydra" / "overrides.yaml"
+    overrides = list(OmegaConf.load(overrides_file)) if overrides_file.exists() else []
+    overrides = [o for o in overrides if not o.startswith("resume=")]
+    return shlex.join(["python", "train.py", *overrides, f"resume={run_dir}"])
+
+
+def resume_checkpoint(cfg: DictConfig) -> Path:
+    """The last checkpoint of an interrupted run, checked before training: the run's config must
+    be this one, and the checkpoint must load without unpickling objects."""
+    run_dir = Path(cfg.resume)
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
     if not ckpt.exists():
-        raise ArtifactError(f"resume={resume} has no checkpoints/last.ckpt; pass the run dir of an interrupted pretrain")
+        raise ArtifactError(f"resume={run_dir} has no checkpoints/last.ckpt; pass the run dir of an interrupted run")
+    saved = run_dir / ".hydra" / "config.yaml"
+    if saved.exists():
+        before, now = flat(OmegaConf.to_container(OmegaConf.load(saved))), flat(OmegaConf.to_container(cfg))
+        changed = sorted(k for k in before.keys() | now.keys() if k not in RESUME_FREE and before.get(k) != now.get(k))
+        if changed:
+            first = changed[0]
+            raise ArtifactError(f"resume={run_dir} ran with {first}={before.get(first)!r}, not {now.get(first)!r}"
+                                f"{f' (and {len(changed) - 1} more)' if len(changed) > 1 else ''}; resume with: {resume_command(run_dir)}")
     try:
         torch.load(ckpt, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - every failure here means "not a safe, whole checkpoint"
@@ -129,8 +163,8 @@ def pretrain(cfg: DictConfig, run_dir: Path) -> dict:
     datamodule = make_datamodule(cfg, digits)
     model = MLP(list(cfg.model.sizes))
     module = Classifier(model, lr=cfg.optim.lr, target_digits=digits, scheduler=cfg.optim.scheduler)
-    ckpt = resume_checkpoint(cfg.resume) if cfg.resume else None
-    trainer = make_trainer(cfg, run_dir, [ResumeHint(run_dir)], checkpoint=True)
+    ckpt = resume_checkpoint(cfg) if cfg.resume else None
+    trainer = make_trainer(cfg, run_dir, [ResumeHint(resume_command(run_dir))], checkpoint=True)
     # weights_only: a checkpoint is data; unpickling arbitrary objects from it could run code.
     fit_s = timed(trainer.fit, module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
     test_s = timed(trainer.test, module, datamodule=datamodule, verbose=False)
@@ -178,15 +212,19 @@ def finetune(cfg: DictConfig, run_dir: Path) -> dict:
     model, base_meta = load_base(base_path, sizes)
     log.info("fine-tuning base %s on digits %s", base_path, digits)
     datamodule = make_datamodule(cfg, digits)
-    module = Classifier(model, lr=cfg.optim.lr, target_digits=digits)
     method = cfg.finetune.method
+    # A full fine-tune trains the base itself, so distillation needs a frozen copy of it.
+    frozen = copy.deepcopy(model).requires_grad_(False) if method == "full" and cfg.finetune.distill else None
+    module = Classifier(model, lr=cfg.optim.lr, target_digits=digits, distill=cfg.finetune.distill, frozen_base=frozen)
     lora = LoRAFinetuning(**OmegaConf.to_container(cfg.lora, resolve=True)) if method == "lora" else None
-    trainer = make_trainer(cfg, run_dir, [lora] if lora else [], checkpoint=False)
+    ckpt = resume_checkpoint(cfg) if cfg.resume else None
+    callbacks = [ResumeHint(resume_command(run_dir))] + ([lora] if lora else [])
+    trainer = make_trainer(cfg, run_dir, callbacks, checkpoint=True)
     base_sha = fingerprint(model)
     if method == "full":
         # No adapter to switch off afterwards: test the base before it is trained.
         test_base = test_as(trainer, module, datamodule, "test_base")
-    fit_s = timed(trainer.fit, module, datamodule=datamodule)
+    fit_s = timed(trainer.fit, module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
     start = time.perf_counter()
     test = test_as(trainer, module, datamodule, "test")
     test_s = time.perf_counter() - start
