@@ -94,7 +94,7 @@ def train_steps(batch_size: int, rank: int, reps: int) -> dict:
     steps = {}
     for method in methods:
         model = build(method, rank)
-        opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3, foreach=True)  # as Classifier
 
         def step(model=model, opt=opt):
             opt.zero_grad(set_to_none=True)
@@ -118,7 +118,7 @@ def lightning_epoch(data_dir: str, batches: int | None, reps: int) -> dict:
 
     def bare():
         model = MLP(SIZES)
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3, foreach=True)  # the Classifier's optimizer
         for idx in order:
             opt.zero_grad(set_to_none=True)
             F.cross_entropy(model(train_x[idx]), train_y[idx]).backward()
@@ -185,7 +185,7 @@ def _memory_probe(method: str, queue) -> None:
     torch.set_num_threads(2)
     before = _rss_mb("VmRSS")  # after imports: what follows is the model, its gradients and optimizer
     model = build(method, 1)
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3, foreach=True)
     x, y = torch.randn(64, 784), torch.randint(0, 10, (64,))
     for _ in range(5):
         opt.zero_grad(set_to_none=True)
