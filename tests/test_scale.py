@@ -68,3 +68,57 @@ def test_slurm_launcher_config_makes_a_valid_sbatch_script(tmp_path):
         assert line in script, script
     with pytest.raises(ValueError, match="Unavailable parameter"):
         executor.update_parameters(partiton="gpu")  # what a typo in the config would meet
+
+
+def adapter_of(run_dir):
+    from safetensors.torch import load_file
+
+    return load_file(run_dir / "adapter_model.safetensors")
+
+
+def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path, pretrained):
+    """gloo DDP, 2 ranks: each rank takes half of every batch, so the averaged gradient is the
+    one-process gradient and the results agree to float rounding."""
+    import torch
+    from safetensors.torch import load_file
+
+    finetune = ["stage=finetune", f"base={pretrained[1]}", *SLICE, "trainer.max_steps=20", "trainer.val_check_interval=10", "data.replay=0.2"]
+    pretrain = ["stage=pretrain", *SLICE, "trainer.max_epochs=1", "trainer.limit_val_batches=2"]
+    for name, overrides in (("finetune", finetune), ("pretrain", pretrain)):
+        for devices in (1, 2):
+            extra = ["accelerator=ddp"] if devices == 2 else []
+            done = train_py(*overrides, *extra, f"hydra.run.dir={tmp_path / f'{name}-{devices}'}")
+            assert done.returncode == 0, done.stderr[-3000:]
+        one, two = (json.loads((tmp_path / f"{name}-{d}" / "metrics.json").read_text()) for d in (1, 2))
+        assert two["config"]["trainer"]["strategy"] == "ddp_spawn" and two["config"]["trainer"]["devices"] == 2
+        assert abs(one["test"]["acc"] - two["test"]["acc"]) <= 0.001
+        assert sum(abs(a - b) for a, b in zip(one["test"]["wrong"], two["test"]["wrong"])) <= 10
+    a, b = adapter_of(tmp_path / "finetune-1"), adapter_of(tmp_path / "finetune-2")
+    assert set(a) == set(b) and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert any(t.abs().sum() > 0 for k, t in b.items() if "lora_B" in k)  # rank 0's trained adapter came back
+    two = json.loads((tmp_path / "finetune-2" / "metrics.json").read_text())
+    assert two["base_unchanged"] is True and two["optimizer_state_bytes"] == 54376
+    a, b = (load_file(tmp_path / f"pretrain-{d}" / "base.safetensors") for d in (1, 2))
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_ddp_inside_a_multirun_runs_each_job_once(tmp_path, pretrained):
+    done = train_py("stage=finetune", "lora.rank=1,2", "accelerator=ddp", f"base={pretrained[1]}", *SLICE,
+                    "trainer.max_steps=4", "trainer.val_check_interval=2", f"output_root={tmp_path}", "-m")
+    assert done.returncode == 0, done.stderr[-3000:]
+    (sweep,) = (tmp_path / "finetune-sweep").iterdir()  # one sweep: no rank re-ran it (Lightning #11300)
+    rows = list(csv.DictReader((sweep / "summary.csv").open()))
+    assert [r["status"] for r in rows] == ["ok", "ok"] and sorted(r["rank"] for r in rows) == ["1", "2"]
+    assert len([p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith(".")]) == 2
+
+
+def test_bf16_mixed_precision_trains_and_saves_float32_adapters(tmp_path, pretrained):
+    # The GPU option (accelerator=gpu trainer.precision=bf16-mixed); autocast runs on CPU too.
+    done = train_py("stage=finetune", f"base={pretrained[1]}", *SLICE, "trainer.max_steps=10", "trainer.precision=bf16-mixed",
+                    f"hydra.run.dir={tmp_path / 'bf16'}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = json.loads((tmp_path / "bf16" / "metrics.json").read_text())
+    assert metrics["config"]["trainer"]["precision"] == "bf16-mixed" and metrics["base_unchanged"]
+    adapter = adapter_of(tmp_path / "bf16")
+    assert adapter and all(str(t.dtype) == "torch.float32" for t in adapter.values())
+    assert metrics["test"]["wrong"][9] < metrics["test_base"]["wrong"][9]

@@ -32,6 +32,9 @@ BAD = [
     (["model.sizes=[784,10,5]"], "784 inputs and 10 outputs"),
     (["stage=finetune", "finetune.distill=-1"], "finetune.distill=-1"),
     (["stage=finetune", "finetune.distill=0.5"], "set data.replay > 0"),
+    (["accelerator=ddp", "trainer.strategy=ddp"], "use accelerator=ddp"),
+    (["accelerator=ddp", "trainer.devices=3"], "divide evenly among trainer.devices=3"),
+    (["accelerator=ddp", "trainer.devices=0"], "trainer.devices=0"),
 ]
 
 

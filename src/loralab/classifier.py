@@ -110,6 +110,17 @@ class Classifier(L.LightningModule):
                     base = self.model(x)
         return F.kl_div(F.log_softmax(logits, dim=1), F.log_softmax(base, dim=1), log_target=True, reduction="batchmean")
 
+    def on_train_end(self) -> None:
+        # callback_metrics is what Lightning carries back from spawned ranks to the main process.
+        state_bytes = sum(
+            t.numel() * t.element_size()
+            for optimizer in self.trainer.optimizers
+            for state in optimizer.state.values()
+            for t in state.values()
+            if torch.is_tensor(t)
+        )
+        self.trainer.callback_metrics["optimizer_state_bytes"] = torch.tensor(float(state_bytes))
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """A LoRA run's checkpoint keeps its adapter and the base's fingerprint, not another copy
         of the frozen base (kilobytes, not 11 MB); no checkpoint keeps the frozen distillation copy."""
@@ -131,7 +142,7 @@ class Classifier(L.LightningModule):
     def validation_step(self, batch, batch_idx):
         x, y = batch
         logits = self(x)
-        self.log("val/loss", F.cross_entropy(logits, y))
+        self.log("val/loss", F.cross_entropy(logits, y), sync_dist=True)
         self.val_metrics.update(logits, y)
 
     def test_step(self, batch, batch_idx):
@@ -139,7 +150,8 @@ class Classifier(L.LightningModule):
         self.test_metrics.update(self(x), y)
 
     def on_validation_epoch_end(self) -> None:
-        self.log_dict(self.summarise(self.val_metrics.compute(), "val"))
+        # compute() has already summed the confusion matrix over ranks: every rank logs the same.
+        self.log_dict(self.summarise(self.val_metrics.compute(), "val"), sync_dist=True)
         self.val_metrics.reset()
 
     def on_test_epoch_end(self) -> None:

@@ -51,10 +51,14 @@ class DigitBatchSampler(Sampler):
 
     Reseeded from ``seed + epoch`` so every epoch sees the same order, and a run resumed mid-epoch
     (``skip`` batches already trained on) draws the same random numbers and yields what follows.
+    Under DDP every rank draws the same batches and keeps its share (``batch[rank::world_size]``):
+    averaged over ranks, the gradient is the one-process gradient of the same batch.
     """
 
-    def __init__(self, pool: torch.Tensor, batch_size: int, seed: int, replay_pool: torch.Tensor | None = None, replay: float = 0.0):
+    def __init__(self, pool: torch.Tensor, batch_size: int, seed: int, replay_pool: torch.Tensor | None = None,
+                 replay: float = 0.0, rank: int = 0, world_size: int = 1):
         self.pool, self.batch_size, self.seed = pool, batch_size, seed
+        self.rank, self.world_size = rank, world_size
         self.replay_pool = replay_pool
         self.n_replay = round(replay * batch_size) if replay_pool is not None and len(replay_pool) else 0
         self.n_own = batch_size - self.n_replay
@@ -77,7 +81,7 @@ class DigitBatchSampler(Sampler):
                 pick = torch.randint(len(self.replay_pool), (self.n_replay,), generator=gen)
                 batch = torch.cat([batch, self.replay_pool[pick]])
             if i >= skip:
-                yield batch
+                yield batch[self.rank :: self.world_size]
 
 
 class MNISTDataModule(L.LightningDataModule):
@@ -112,8 +116,14 @@ class MNISTDataModule(L.LightningDataModule):
         selected = torch.isin(train_y[fit_idx], torch.tensor(self.digits))
         self.train_pool, self.other_pool = fit_idx[selected], fit_idx[~selected]
 
+    def shard(self) -> tuple[int, int]:
+        """(rank, world size) of this process: each rank reads only its share of the data."""
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
     def train_dataloader(self) -> DataLoader:
-        sampler = DigitBatchSampler(self.train_pool, self.batch_size, self.seed, self.other_pool, self.replay)
+        rank, world_size = self.shard()
+        sampler = DigitBatchSampler(self.train_pool, self.batch_size, self.seed, self.other_pool, self.replay, rank, world_size)
         trainer = self.trainer
         if trainer is not None and trainer.fit_loop.restarting:
             # Resuming from a mid-epoch checkpoint: Lightning has restored how many batches of this
@@ -122,8 +132,11 @@ class MNISTDataModule(L.LightningDataModule):
         return DataLoader(self.train_set, sampler=sampler, batch_size=None)
 
     def _sequential(self, dataset: TensorSlices) -> DataLoader:
+        # Whole batches per rank, none repeated: torchmetrics then sums each image exactly once
+        # (a DistributedSampler would pad the last rank with duplicates).
+        rank, world_size = self.shard()
         batches = [torch.arange(i, min(i + self.eval_batch_size, len(dataset))) for i in range(0, len(dataset), self.eval_batch_size)]
-        return DataLoader(dataset, sampler=batches, batch_size=None)
+        return DataLoader(dataset, sampler=batches[rank::world_size], batch_size=None)
 
     def val_dataloader(self) -> DataLoader:
         return self._sequential(self.val_set)

@@ -52,7 +52,13 @@ def make_datamodule(cfg: DictConfig, digits: list[int]) -> MNISTDataModule:
     return datamodule
 
 
-def make_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, checkpoint: bool) -> L.Trainer:
+def make_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, checkpoint: bool, testing: bool = False) -> L.Trainer:
+    kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if testing:
+        # Tests run here, in one process: seconds of work, not worth spawning ranks for.
+        kwargs |= {"devices": 1, "strategy": "auto"}
+    elif kwargs.get("strategy", "auto") == "auto" and str(kwargs.get("devices", "auto")) not in ("auto", "1"):
+        kwargs["strategy"] = "ddp_spawn"  # see conf/accelerator/ddp.yaml
     # Event files go straight into the run dir, so `tensorboard --logdir outputs` names runs by path.
     logger = TensorBoardLogger(save_dir=str(run_dir), name="", version="", default_hp_metric=False)
     if checkpoint:
@@ -61,13 +67,20 @@ def make_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, checkpoint: bo
         checkpoint_cb = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", save_top_k=1, enable_version_counter=False)
         callbacks = [*callbacks, checkpoint_cb]
     return L.Trainer(
-        **OmegaConf.to_container(cfg.trainer, resolve=True),
+        **kwargs,
+        use_distributed_sampler=False,  # the DataModule gives each rank its share itself
         logger=logger,
         callbacks=callbacks,
         enable_checkpointing=checkpoint,
         plugins=[AtomicCheckpointIO()],
         default_root_dir=str(run_dir),
     )
+
+
+def tester(trainer: L.Trainer, cfg: DictConfig, run_dir: Path) -> L.Trainer:
+    """The trainer that tests: the training one, unless that one spawns ranks (ddp_spawn), whose
+    results would stay in the spawned processes."""
+    return trainer if trainer.world_size == 1 else make_trainer(cfg, run_dir, [], checkpoint=False, testing=True)
 
 
 def timed(fn, *args, **kwargs) -> float:
@@ -167,7 +180,7 @@ def pretrain(cfg: DictConfig, run_dir: Path) -> dict:
     trainer = make_trainer(cfg, run_dir, [ResumeHint(resume_command(run_dir))], checkpoint=True)
     # weights_only: a checkpoint is data; unpickling arbitrary objects from it could run code.
     fit_s = timed(trainer.fit, module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
-    test_s = timed(trainer.test, module, datamodule=datamodule, verbose=False)
+    test_s = timed(tester(trainer, cfg, run_dir).test, module, datamodule=datamodule, verbose=False)
     sha = save_base(model, run_dir / BASE_FILE, cfg.model.name)
     metrics = base_metrics(cfg, model, digits) | {
         "test": module.last_test,
@@ -194,16 +207,6 @@ def worst_digits(base_path: Path, k: int) -> list[int]:
     return sorted(sorted(range(10), key=lambda d: -rates[d])[:k])
 
 
-def optimizer_state_bytes(trainer: L.Trainer) -> int:
-    return sum(
-        t.numel() * t.element_size()
-        for optimizer in trainer.optimizers
-        for state in optimizer.state.values()
-        for t in state.values()
-        if torch.is_tensor(t)
-    )
-
-
 def finetune(cfg: DictConfig, run_dir: Path) -> dict:
     sizes = list(cfg.model.sizes)
     base_path = resolve_base(cfg.base, cfg.output_root, sizes)
@@ -220,17 +223,24 @@ def finetune(cfg: DictConfig, run_dir: Path) -> dict:
     ckpt = resume_checkpoint(cfg) if cfg.resume else None
     callbacks = [ResumeHint(resume_command(run_dir))] + ([lora] if lora else [])
     trainer = make_trainer(cfg, run_dir, callbacks, checkpoint=True)
+    testing = tester(trainer, cfg, run_dir)
     base_sha = fingerprint(model)
+    if lora:
+        # Injected here as well as in every rank's setup (idempotent): ddp_spawn hands rank 0's
+        # weights back to this process, and only a model with the same adapters takes them.
+        lora.freeze_before_training(module)
     if method == "full":
         # No adapter to switch off afterwards: test the base before it is trained.
-        test_base = test_as(trainer, module, datamodule, "test_base")
+        test_base = test_as(testing, module, datamodule, "test_base")
     fit_s = timed(trainer.fit, module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
+    base_unchanged = fingerprint(model) == base_sha if lora else None
+    state_bytes = int(trainer.callback_metrics["optimizer_state_bytes"])  # read before a test resets it
     start = time.perf_counter()
-    test = test_as(trainer, module, datamodule, "test")
+    test = test_as(testing, module, datamodule, "test")
     test_s = time.perf_counter() - start
     if method == "lora":
         set_lora_enabled(model, False)
-        test_base = test_as(trainer, module, datamodule, "test_base")
+        test_base = test_as(testing, module, datamodule, "test_base")
         set_lora_enabled(model, True)
     if base_meta.get("weights_sha256") not in (None, base_sha):
         log.warning("%s records weights sha256 %s but holds %s: the file was changed after pretraining",
@@ -254,8 +264,8 @@ def finetune(cfg: DictConfig, run_dir: Path) -> dict:
         "base": str(base_path),
         "base_sha256": base_sha,
         "base_file_sha256": base_file_sha,
-        "base_unchanged": lora.base_unchanged if lora else None,
-        "optimizer_state_bytes": optimizer_state_bytes(trainer),
+        "base_unchanged": base_unchanged,
+        "optimizer_state_bytes": state_bytes,
         "artifact_bytes": sum(Path(p).stat().st_size for p in artifacts.values()),
         "seconds": {"fit": fit_s, "test": test_s},
         "artifacts": {k: str(v) for k, v in artifacts.items()} | {"tensorboard": str(run_dir)},
@@ -296,7 +306,7 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
         adapters.add(name if name not in adapters.adapters else f"{name}-{len(adapters.adapters)}", directory)
     datamodule = make_datamodule(cfg, digits)
     module = Classifier(model, target_digits=digits)
-    trainer = make_trainer(cfg, run_dir, [], checkpoint=False)
+    trainer = make_trainer(cfg, run_dir, [], checkpoint=False, testing=True)
     start = time.perf_counter()
     test = test_as(trainer, module, datamodule, "test")
     test_s = time.perf_counter() - start

@@ -87,6 +87,19 @@ def check_lora(lora: DictConfig, sizes: list[int]) -> None:
         raise _bad("lora.rslora", lora.get("rslora"), "expected true or false")
 
 
+def check_devices(cfg: DictConfig) -> None:
+    devices, strategy = cfg.trainer.get("devices", "auto"), cfg.trainer.get("strategy", "auto")
+    if devices in ("auto", 1, "1", None) or isinstance(devices, (list, ListConfig)):
+        return
+    _int("trainer.devices", devices, 1)
+    if strategy not in ("ddp_spawn", "auto"):
+        # ddp re-runs train.py for each extra rank: every rank would run the whole stage and write
+        # its files, and under -m each would rerun the sweep (Lightning issue #11300).
+        raise _bad("trainer.strategy", strategy, "several devices run with ddp_spawn here; use accelerator=ddp, or leave trainer.strategy=auto")
+    if cfg.data.batch_size % devices:
+        raise _bad("data.batch_size", cfg.data.batch_size, f"must divide evenly among trainer.devices={devices}, so each rank takes an equal share of every batch")
+
+
 def check_config(cfg: DictConfig) -> None:
     stage = cfg.stage.name
     if stage not in STAGES:
@@ -111,6 +124,7 @@ def check_config(cfg: DictConfig) -> None:
         _int("trainer.max_epochs", cfg.trainer.max_epochs, 1)
     if cfg.trainer.get("accelerator") in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError("accelerator=gpu but no CUDA GPU is visible; use accelerator=cpu (or auto)")
+    check_devices(cfg)
     if stage == "eval":
         adapters = cfg.eval.adapters
         if not isinstance(adapters, (list, ListConfig)) or not all(isinstance(a, str) for a in adapters):
