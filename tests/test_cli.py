@@ -64,7 +64,7 @@ def test_bad_base_files(tmp_path, pretrained):
     [
         (["model=huge_mlp"], ["model=huge_mlp is not a config in conf/model/", "expensive_mlp, small_mlp"]),
         (["stage=nope"], ["stage=nope", "eval, finetune, pretrain"]),
-        (["accelerator=tpu"], ["accelerator=tpu", "auto, cpu, gpu"]),
+        (["accelerator=tpu"], ["accelerator=tpu", "auto, cpu, ddp, gpu"]),
         (["digits=ten"], ["digits=ten", "all, auto, nine, weak"]),
         (["lora=qlora", "stage=finetune"], ["lora=qlora", "peft, seeds"]),
         (["experiment=no_forgeting"], ["experiment=no_forgeting", "no_forgetting"]),  # a typo never runs the default

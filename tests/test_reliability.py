@@ -88,8 +88,8 @@ def test_killed_finetune_resumes_mid_epoch_to_the_same_result(pretrained, tmp_pa
 
 
 def test_sigterm_stops_cleanly_and_prints_the_resume_command(pretrained, tmp_path):
-    # Long enough (3,000 steps) that the signal lands in the middle of training.
-    overrides = [*finetune_overrides(pretrained[1]), "trainer.max_steps=3000", "trainer.val_check_interval=100"]
+    # Long enough (1,000 steps, seconds) that the signal, sent at the first checkpoint, lands mid-training.
+    overrides = [*finetune_overrides(pretrained[1]), "trainer.max_steps=1000", "trainer.val_check_interval=50"]
     run_dir = tmp_path / "terminated"
     proc = start_and_wait_for_checkpoint(overrides, run_dir)
     proc.send_signal(signal.SIGTERM)
@@ -100,7 +100,7 @@ def test_sigterm_stops_cleanly_and_prints_the_resume_command(pretrained, tmp_pat
     assert len(hint) == 1 and f"resume={run_dir}" in hint[0], stderr
     assert not (run_dir / "metrics.json").exists()
     stopped_at = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
-    assert 0 < stopped_at < 3000
+    assert 0 < stopped_at < 1000
     args = shlex.split(hint[0].split("resume with: ", 1)[1])
     assert args[:2] == ["python", "train.py"]
     done = train_py(*args[2:], f"hydra.run.dir={tmp_path / 'resumed'}")  # the hint's command, as typed

@@ -88,7 +88,7 @@ def main(hydra_main) -> None:
     try:
         hydra_main()
     except HydraException as err:
-        if os.environ.get("LORALAB_DEBUG"):
+        if "debug=true" in sys.argv[1:]:  # no config was composed to read debug from
             raise
         print(f"error: {config_error_line(err)}", file=sys.stderr)
         sys.exit(2)
