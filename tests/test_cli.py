@@ -70,6 +70,7 @@ def test_bad_base_files(tmp_path, pretrained):
         (["experiment=no_forgeting"], ["experiment=no_forgeting", "no_forgetting"]),  # a typo never runs the default
         (["lora.rnk=4"], ["lora.rnk", "not in struct"]),
         (["lora.rank=[1"], ["does not parse"]),
+        (["hydra/launcher=slurm", "stage=finetune", "-m"], ["needs a SLURM cluster", "submitit_local"]),
     ],
 )
 def test_config_that_does_not_compose_gives_one_line(args, fragments, tmp_path):

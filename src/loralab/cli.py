@@ -85,6 +85,10 @@ def main(hydra_main) -> None:
     """Run ``hydra_main``; a config that does not compose ends in one ``error:`` line, exit 2."""
     # Without this, Hydra prints its own multi-line report and exits 1 before we see the error.
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    if any(arg.startswith("hydra/launcher=slurm") for arg in sys.argv[1:]) and shutil.which("srun") is None:
+        # submitit would fail later with a traceback, after Hydra made the sweep dir.
+        print("error: hydra/launcher=slurm needs a SLURM cluster (no srun here); try the same jobs with hydra/launcher=submitit_local", file=sys.stderr)
+        sys.exit(2)
     try:
         hydra_main()
     except HydraException as err:
