@@ -13,12 +13,10 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from hydra.types import RunMode
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from loralab.errors import ArtifactError, LoralabError
 from loralab.files import write_text
-from loralab.stages import run_stage
 from loralab.validate import check_config
 
 log = logging.getLogger(__name__)
@@ -48,11 +46,19 @@ def run_job(cfg: DictConfig) -> float | None:
         check_config(cfg)
         if (run_dir / "metrics.json").exists():
             raise ArtifactError(f"{run_dir} already holds a finished run (metrics.json); choose another hydra.run.dir")
+        # Imported once the config is known good: Lightning and torchmetrics take seconds to
+        # import, and a typo should cost one line, not that wait.
+        from loralab.stages import run_stage
+
         metrics = run_stage(cfg, run_dir)
-    except SIGTERMException:
-        # Lightning stopped at a step boundary and the ResumeHint callback said how to continue;
-        # SIGTERMException is a SystemExit with code 0, but a terminated run did not succeed.
-        sys.exit(128 + signal.SIGTERM)
+    except SystemExit as exit_:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if isinstance(exit_, SIGTERMException):
+            # Lightning stopped at a step boundary and the ResumeHint callback said how to go on;
+            # SIGTERMException is a SystemExit with code 0, but a terminated run did not succeed.
+            sys.exit(128 + signal.SIGTERM)
+        raise
     except LoralabError as err:
         if cfg.get("debug"):
             raise
@@ -85,7 +91,9 @@ def main(hydra_main) -> None:
     """Run ``hydra_main``; a config that does not compose ends in one ``error:`` line, exit 2."""
     # Without this, Hydra prints its own multi-line report and exits 1 before we see the error.
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
-    if any(arg.startswith("hydra/launcher=slurm") for arg in sys.argv[1:]) and shutil.which("srun") is None:
+    args = sys.argv[1:]
+    launching = {"-m", "--multirun"} & set(args)  # --cfg and --help only compose
+    if launching and any(a.startswith("hydra/launcher=slurm") for a in args) and shutil.which("srun") is None:
         # submitit would fail later with a traceback, after Hydra made the sweep dir.
         print("error: hydra/launcher=slurm needs a SLURM cluster (no srun here); try the same jobs with hydra/launcher=submitit_local", file=sys.stderr)
         sys.exit(2)

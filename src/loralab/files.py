@@ -3,7 +3,6 @@ so a reader (or a crash) never sees half a file."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import tempfile
@@ -11,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from safetensors.torch import save
 
 
@@ -49,15 +47,3 @@ def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metada
     contiguous = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
     return atomic_write_bytes(path, save(contiguous, metadata=metadata))
 
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning checkpoints go the same way, so a run killed while saving keeps its previous
-    last.ckpt whole instead of a torn new one."""
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
-        if storage_options is not None:
-            raise TypeError("AtomicCheckpointIO takes no storage_options")
-        buffer = io.BytesIO()
-        torch.save(checkpoint, buffer)
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, buffer.getvalue())

@@ -4,6 +4,7 @@ LoRA on a digit subset. Each writes metrics.json, the contract with users, scrip
 from __future__ import annotations
 
 import copy
+import io
 import json
 import logging
 import shlex
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
@@ -24,7 +26,7 @@ from loralab.callbacks import LoRAFinetuning, ResumeHint
 from loralab.classifier import Classifier
 from loralab.data import MNISTDataModule
 from loralab.errors import ArtifactError
-from loralab.files import AtomicCheckpointIO, write_json
+from loralab.files import atomic_write_bytes, write_json
 from loralab.lora import count_parameters, lora_layers, merge_lora, set_lora_enabled, unmerge_lora
 from loralab.model import MLP
 from loralab.report import digit_table, split_wrong
@@ -50,6 +52,19 @@ def make_datamodule(cfg: DictConfig, digits: list[int]) -> MNISTDataModule:
     datamodule.prepare_data()
     datamodule.setup("fit")
     return datamodule
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoints go through the same temporary-file-and-rename as every artifact, so a
+    run killed while saving keeps its previous last.ckpt whole instead of a torn new one."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if storage_options is not None:
+            raise TypeError("AtomicCheckpointIO takes no storage_options")
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, buffer.getvalue())
 
 
 def make_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, checkpoint: bool, testing: bool = False) -> L.Trainer:
@@ -171,6 +186,11 @@ def resume_checkpoint(cfg: DictConfig) -> Path:
     return ckpt
 
 
+def last_checkpoint(run_dir: Path) -> str | None:
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    return str(ckpt) if ckpt.exists() else None
+
+
 def pretrain(cfg: DictConfig, run_dir: Path) -> dict:
     digits = check_digits(cfg.data.digits)
     datamodule = make_datamodule(cfg, digits)
@@ -188,7 +208,7 @@ def pretrain(cfg: DictConfig, run_dir: Path) -> dict:
         "seconds": {"fit": fit_s, "test": test_s},
         "artifacts": {
             "base": str(run_dir / BASE_FILE),
-            "checkpoint": str(run_dir / "checkpoints" / "last.ckpt") if (run_dir / "checkpoints" / "last.ckpt").exists() else None,
+            "checkpoint": last_checkpoint(run_dir),
             "tensorboard": str(run_dir),
         },
     }
@@ -268,7 +288,7 @@ def finetune(cfg: DictConfig, run_dir: Path) -> dict:
         "optimizer_state_bytes": state_bytes,
         "artifact_bytes": sum(Path(p).stat().st_size for p in artifacts.values()),
         "seconds": {"fit": fit_s, "test": test_s},
-        "artifacts": {k: str(v) for k, v in artifacts.items()} | {"tensorboard": str(run_dir)},
+        "artifacts": {k: str(v) for k, v in artifacts.items()} | {"checkpoint": last_checkpoint(run_dir), "tensorboard": str(run_dir)},
     }
     log_hparams(trainer, cfg, metrics)
     what = f"LoRA rank {metrics['lora']['rank']}, alpha {metrics['lora']['alpha']:g}" if lora else "full fine-tune"
