@@ -4,10 +4,8 @@ LoRA on a digit subset. Each writes metrics.json, the contract with users, scrip
 from __future__ import annotations
 
 import copy
-import io
 import json
 import logging
-import shlex
 import statistics
 import subprocess
 import time
@@ -16,9 +14,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from loralab.adapter import AdapterSet, save_adapter
@@ -26,10 +21,11 @@ from loralab.callbacks import LoRAFinetuning, ResumeHint
 from loralab.classifier import Classifier
 from loralab.data import MNISTDataModule
 from loralab.errors import ArtifactError
-from loralab.files import atomic_write_bytes, write_json
+from loralab.files import write_json
 from loralab.lora import count_parameters, lora_layers, merge_lora, set_lora_enabled, unmerge_lora
 from loralab.model import MLP
 from loralab.report import digit_table, split_wrong
+from loralab.trainer import last_checkpoint, make_trainer, resume_checkpoint, resume_command, tester
 from loralab.validate import check_digits
 from loralab.weights import BASE_FILE, FULL_FILE, file_sha256, fingerprint, load_base, resolve_base, save_base
 
@@ -52,50 +48,6 @@ def make_datamodule(cfg: DictConfig, digits: list[int]) -> MNISTDataModule:
     datamodule.prepare_data()
     datamodule.setup("fit")
     return datamodule
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning checkpoints go through the same temporary-file-and-rename as every artifact, so a
-    run killed while saving keeps its previous last.ckpt whole instead of a torn new one."""
-
-    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
-        if storage_options is not None:
-            raise TypeError("AtomicCheckpointIO takes no storage_options")
-        buffer = io.BytesIO()
-        torch.save(checkpoint, buffer)
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, buffer.getvalue())
-
-
-def make_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, checkpoint: bool, testing: bool = False) -> L.Trainer:
-    kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-    if testing:
-        # Tests run here, in one process: seconds of work, not worth spawning ranks for.
-        kwargs |= {"devices": 1, "strategy": "auto"}
-    elif kwargs.get("strategy", "auto") == "auto" and str(kwargs.get("devices", "auto")) not in ("auto", "1"):
-        kwargs["strategy"] = "ddp_spawn"  # see conf/accelerator/ddp.yaml
-    # Event files go straight into the run dir, so `tensorboard --logdir outputs` names runs by path.
-    logger = TensorBoardLogger(save_dir=str(run_dir), name="", version="", default_hp_metric=False)
-    if checkpoint:
-        # One file, replaced at every validation (mid-epoch too, for fine-tunes): with save_top_k=0,
-        # save_last would only write when training ends, too late for a run that gets killed.
-        checkpoint_cb = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", save_top_k=1, enable_version_counter=False)
-        callbacks = [*callbacks, checkpoint_cb]
-    return L.Trainer(
-        **kwargs,
-        use_distributed_sampler=False,  # the DataModule gives each rank its share itself
-        logger=logger,
-        callbacks=callbacks,
-        enable_checkpointing=checkpoint,
-        plugins=[AtomicCheckpointIO()],
-        default_root_dir=str(run_dir),
-    )
-
-
-def tester(trainer: L.Trainer, cfg: DictConfig, run_dir: Path) -> L.Trainer:
-    """The trainer that tests: the training one, unless that one spawns ranks (ddp_spawn), whose
-    results would stay in the spawned processes."""
-    return trainer if trainer.world_size == 1 else make_trainer(cfg, run_dir, [], checkpoint=False, testing=True)
 
 
 def timed(fn, *args, **kwargs) -> float:
@@ -144,51 +96,6 @@ def base_metrics(cfg: DictConfig, model: MLP, digits: list[int]) -> dict:
         "seed": cfg.seed,
         "params": count_parameters(model),
     }
-
-
-# What may differ between a run and its resumption: where things are, not what is trained.
-RESUME_FREE = {"resume", "output_root", "data_dir", "debug", "trainer.enable_progress_bar"}
-
-
-def flat(container, prefix: str = "") -> dict:
-    if not isinstance(container, dict):
-        return {prefix[:-1]: container}
-    return {k: v for key, value in container.items() for k, v in flat(value, f"{prefix}{key}.").items()}
-
-
-def resume_command(run_dir: Path) -> str:
-    """The command that continues ``run_dir``: its own overrides, plus resume=."""
-    overrides_file = run_dir / ".hydra" / "overrides.yaml"
-    overrides = list(OmegaConf.load(overrides_file)) if overrides_file.exists() else []
-    overrides = [o for o in overrides if not o.startswith("resume=")]
-    return shlex.join(["python", "train.py", *overrides, f"resume={run_dir}"])
-
-
-def resume_checkpoint(cfg: DictConfig) -> Path:
-    """The last checkpoint of an interrupted run, checked before training: the run's config must
-    be this one, and the checkpoint must load without unpickling objects."""
-    run_dir = Path(cfg.resume)
-    ckpt = run_dir / "checkpoints" / "last.ckpt"
-    if not ckpt.exists():
-        raise ArtifactError(f"resume={run_dir} has no checkpoints/last.ckpt; pass the run dir of an interrupted run")
-    saved = run_dir / ".hydra" / "config.yaml"
-    if saved.exists():
-        before, now = flat(OmegaConf.to_container(OmegaConf.load(saved))), flat(OmegaConf.to_container(cfg))
-        changed = sorted(k for k in before.keys() | now.keys() if k not in RESUME_FREE and before.get(k) != now.get(k))
-        if changed:
-            first = changed[0]
-            raise ArtifactError(f"resume={run_dir} ran with {first}={before.get(first)!r}, not {now.get(first)!r}"
-                                f"{f' (and {len(changed) - 1} more)' if len(changed) > 1 else ''}; resume with: {resume_command(run_dir)}")
-    try:
-        torch.load(ckpt, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - every failure here means "not a safe, whole checkpoint"
-        raise ArtifactError(f"{ckpt} is not a loadable checkpoint (refused: {str(err).splitlines()[0][:160]})") from None
-    return ckpt
-
-
-def last_checkpoint(run_dir: Path) -> str | None:
-    ckpt = run_dir / "checkpoints" / "last.ckpt"
-    return str(ckpt) if ckpt.exists() else None
 
 
 def pretrain(cfg: DictConfig, run_dir: Path) -> dict:
