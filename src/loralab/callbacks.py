@@ -1,4 +1,4 @@
-"""Lightning callbacks: LoRA fine-tuning (inject, freeze, prove the base untouched) and the resume hint."""
+"""Lightning callbacks: LoRA fine-tuning (inject, freeze) and the resume hint."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from lightning.pytorch.callbacks import BaseFinetuning
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from loralab.lora import count_parameters, inject_lora, mark_only_lora_trainable
-from loralab.weights import fingerprint
 
 
 class ResumeHint(L.Callback):
@@ -29,10 +28,6 @@ class ResumeHint(L.Callback):
                 print("interrupted before the first checkpoint: nothing to resume, start the run again", file=sys.stderr)
 
 
-class BaseChangedError(RuntimeError):
-    """The frozen base weights changed during LoRA training: a bug, never a silent pass."""
-
-
 class LoRAFinetuning(BaseFinetuning):
     """Runs at every setup (fit, validate, test); injection is idempotent, so a model is never
     wrapped twice. The optimizer then sees only ``lora_`` parameters, since
@@ -41,8 +36,6 @@ class LoRAFinetuning(BaseFinetuning):
     def __init__(self, targets, rank: int, alpha: float, dropout: float = 0.0, init: str = "gaussian", rslora: bool = False):
         super().__init__()
         self.lora_kwargs = {"targets": targets, "rank": rank, "alpha": alpha, "dropout": dropout, "init": init, "rslora": rslora}
-        self.base_sha256: str | None = None
-        self.base_unchanged: bool | None = None
 
     def freeze_before_training(self, pl_module: L.LightningModule) -> None:
         inject_lora(pl_module.model, **self.lora_kwargs)
@@ -53,13 +46,6 @@ class LoRAFinetuning(BaseFinetuning):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
-        self.base_sha256 = fingerprint(pl_module.model)
         if trainer.logger is not None:
             counts = count_parameters(pl_module.model)
             trainer.logger.log_metrics({f"params/{k}": float(v) for k, v in counts.items()}, step=0)
-
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        after = fingerprint(pl_module.model)
-        self.base_unchanged = after == self.base_sha256
-        if not self.base_unchanged:
-            raise BaseChangedError(f"base weights changed during LoRA training: sha256 {self.base_sha256} -> {after}")

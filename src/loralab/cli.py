@@ -100,7 +100,7 @@ def main(hydra_main) -> None:
     try:
         hydra_main()
     except HydraException as err:
-        if "debug=true" in sys.argv[1:]:  # no config was composed to read debug from
+        if "debug=true" in args:  # no config was composed to read debug from
             raise
         print(f"error: {config_error_line(err)}", file=sys.stderr)
         sys.exit(2)

@@ -46,4 +46,3 @@ def write_json(path: str | Path, obj: Any) -> Path:
 def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
     contiguous = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
     return atomic_write_bytes(path, save(contiguous, metadata=metadata))
-

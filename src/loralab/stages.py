@@ -22,7 +22,7 @@ from loralab.classifier import Classifier
 from loralab.data import MNISTDataModule
 from loralab.errors import ArtifactError
 from loralab.files import write_json
-from loralab.lora import count_parameters, lora_layers, merge_lora, set_lora_enabled, unmerge_lora
+from loralab.lora import count_parameters, lora_disabled, lora_layers, merge_lora, unmerge_lora
 from loralab.model import MLP
 from loralab.report import digit_table, split_wrong
 from loralab.trainer import last_checkpoint, make_trainer, resume_checkpoint, resume_command, tester
@@ -134,6 +134,10 @@ def worst_digits(base_path: Path, k: int) -> list[int]:
     return sorted(sorted(range(10), key=lambda d: -rates[d])[:k])
 
 
+class BaseChangedError(RuntimeError):
+    """The frozen base weights changed during LoRA training: a bug, never a silent pass."""
+
+
 def finetune(cfg: DictConfig, run_dir: Path) -> dict:
     sizes = list(cfg.model.sizes)
     base_path = resolve_base(cfg.base, cfg.output_root, sizes)
@@ -160,15 +164,20 @@ def finetune(cfg: DictConfig, run_dir: Path) -> dict:
         # No adapter to switch off afterwards: test the base before it is trained.
         test_base = test_as(testing, module, datamodule, "test_base")
     fit_s = timed(trainer.fit, module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
-    base_unchanged = fingerprint(model) == base_sha if lora else None
+    base_unchanged = None
+    if lora:
+        # Checked here, on the weights the run keeps (under ddp_spawn, the ones rank 0 sent back).
+        after = fingerprint(model)
+        if after != base_sha:
+            raise BaseChangedError(f"base weights changed during LoRA training: sha256 {base_sha} -> {after}")
+        base_unchanged = True
     state_bytes = int(trainer.callback_metrics["optimizer_state_bytes"])  # read before a test resets it
     start = time.perf_counter()
     test = test_as(testing, module, datamodule, "test")
     test_s = time.perf_counter() - start
     if method == "lora":
-        set_lora_enabled(model, False)
-        test_base = test_as(testing, module, datamodule, "test_base")
-        set_lora_enabled(model, True)
+        with lora_disabled(model):
+            test_base = test_as(testing, module, datamodule, "test_base")
     if base_meta.get("weights_sha256") not in (None, base_sha):
         log.warning("%s records weights sha256 %s but holds %s: the file was changed after pretraining",
                     base_path, base_meta["weights_sha256"][:12], base_sha[:12])
