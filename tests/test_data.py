@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from loralab.data import DigitBatchSampler, MNISTDataModule
+from loralab.mnist import TRAIN_MEAN, TRAIN_STD, read_idx
 from loralab.model import MLP
 
 
@@ -43,6 +44,8 @@ def test_images_are_normalised_once(mnist_dir):
     x = data.train_set.x
     assert x.shape == (60000, 784) and x.dtype == torch.float32
     assert abs(x.mean().item()) < 1e-3 and abs(x.std().item() - 1) < 1e-3
+    raw = torch.from_numpy(read_idx(mnist_dir)[0].copy()).reshape(60000, 784)
+    assert torch.equal(x, ((raw.float() / 255.0) - TRAIN_MEAN) / TRAIN_STD)  # in place, same values
 
 
 @pytest.mark.parametrize("replay", [0.3, 0.5])

@@ -43,6 +43,12 @@ def test_verify_rejects_a_tampered_copy(mnist_dir):
         verify(train_x, train_y, test_x, test_y)
 
 
+def test_verify_rejects_other_pixels(mnist_dir):
+    train_x, train_y, test_x, test_y = read_idx(mnist_dir)
+    with pytest.raises(DataError, match="train mean is 0.1346"):
+        verify(np.minimum(train_x.astype(np.uint16) + 1, 255).astype(np.uint8), train_y, test_x, test_y)
+
+
 def test_restricted_unpickler_refuses_code(tmp_path):
     evidence = tmp_path / "pwned"
     payload = pickle.dumps(MakesADirectory(str(evidence)), protocol=2)

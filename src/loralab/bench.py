@@ -27,10 +27,11 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from loralab.adapter import AdapterSet, save_adapter
-from loralab.classifier import Classifier
+from loralab.classifier import Classifier, adam
 from loralab.data import DigitBatchSampler, load_tensors
 from loralab.files import write_json
 from loralab.lora import inject_lora, lora_layers, mark_only_lora_trainable, remove_lora
+from loralab.malloc import keep_freed_memory
 from loralab.mnist import ensure_mnist
 from loralab.model import MLP
 from loralab.weights import load_base, save_base
@@ -90,11 +91,15 @@ def train_steps(batch_size: int, rank: int, reps: int) -> dict:
         methods.append("peft")
     except ImportError:
         pass
+    # full_default: full fine-tuning with torch's default Adam (on CPU, one tensor at a time), the
+    # baseline a plain PyTorch script gets.
+    methods.append("full_default")
     x, y = torch.randn(batch_size, 784), torch.randint(0, 10, (batch_size,))
     steps = {}
     for method in methods:
-        model = build(method, rank)
-        opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3, foreach=True)  # as Classifier
+        model = build("full" if method == "full_default" else method, rank)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.Adam(trainable, lr=1e-3) if method == "full_default" else adam(trainable, 1e-3)
 
         def step(model=model, opt=opt):
             opt.zero_grad(set_to_none=True)
@@ -105,7 +110,8 @@ def train_steps(batch_size: int, rank: int, reps: int) -> dict:
     medians = interleaved(steps, reps)
     return {f"{m}_ms": 1000 * t for m, t in medians.items()} | {
         f"{m}_vs_full": t / medians["full"] for m, t in medians.items() if m != "full"
-    } | ({"loralab_vs_peft": medians["loralab"] / medians["peft"]} if "peft" in medians else {})
+    } | {"loralab_vs_full_default": medians["loralab"] / medians["full_default"]} | (
+        {"loralab_vs_peft": medians["loralab"] / medians["peft"]} if "peft" in medians else {})
 
 
 def lightning_epoch(data_dir: str, batches: int | None, reps: int) -> dict:
@@ -118,7 +124,7 @@ def lightning_epoch(data_dir: str, batches: int | None, reps: int) -> dict:
 
     def bare():
         model = MLP(SIZES)
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3, foreach=True)  # the Classifier's optimizer
+        opt = adam(list(model.parameters()), 1e-3)  # the stages' optimizer
         for idx in order:
             opt.zero_grad(set_to_none=True)
             F.cross_entropy(model(train_x[idx]), train_y[idx]).backward()
@@ -185,7 +191,7 @@ def _memory_probe(method: str, queue) -> None:
     torch.set_num_threads(2)
     before = _rss_mb("VmRSS")  # after imports: what follows is the model, its gradients and optimizer
     model = build(method, 1)
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3, foreach=True)
+    opt = adam([p for p in model.parameters() if p.requires_grad], 1e-3)
     x, y = torch.randn(64, 784), torch.randint(0, 10, (64,))
     for _ in range(5):
         opt.zero_grad(set_to_none=True)
@@ -242,6 +248,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     torch.set_flush_denormal(True)
+    keep_freed_memory()  # as the stages do; both loops of a comparison run in this one process
     results = {"machine": {"platform": platform.platform(), "processor": platform.processor(), "threads": 2,
                            "torch": torch.__version__}, "reps": args.reps}
     if not args.only_protocol:

@@ -27,7 +27,8 @@ def load_tensors(data_dir: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     train_x, train_y, test_x, test_y = (torch.from_numpy(a.copy()) for a in read_idx(data_dir))
 
     def normalise(images: torch.Tensor) -> torch.Tensor:
-        return ((images.reshape(len(images), -1).float() / 255.0) - TRAIN_MEAN) / TRAIN_STD
+        # In place: the same values as ((x / 255) - mean) / std, without two 188 MB temporaries.
+        return images.reshape(len(images), -1).float().div_(255.0).sub_(TRAIN_MEAN).div_(TRAIN_STD)
 
     return normalise(train_x), train_y.long(), normalise(test_x), test_y.long()
 

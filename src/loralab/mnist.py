@@ -94,9 +94,14 @@ def verify(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y:
         "first train labels": (train_y[:10].tolist(), FIRST_TRAIN_LABELS),
         "first test labels": (test_y[:10].tolist(), FIRST_TEST_LABELS),
     }
-    pixels = train_x.astype(np.float64) / 255.0
-    checks["train mean"] = (round(float(pixels.mean()), 4), TRAIN_MEAN)
-    checks["train std"] = (round(float(pixels.std()), 4), TRAIN_STD)
+    # From the histogram of the 256 pixel values: the same statistics as converting 47 M pixels to
+    # float64 (1.9 s and 750 MB of temporaries, on every run), in 0.15 s.
+    counts = np.bincount(train_x.reshape(-1), minlength=256).astype(np.float64)
+    values = np.arange(256) / 255.0
+    mean = float(counts @ values / counts.sum())
+    std = float(np.sqrt(counts @ (values - mean) ** 2 / counts.sum()))
+    checks["train mean"] = (round(mean, 4), TRAIN_MEAN)
+    checks["train std"] = (round(std, 4), TRAIN_STD)
     for name, (got, expected) in checks.items():
         if got != expected:
             raise DataError(f"MNIST check failed: {name} is {got}, expected {expected}")

@@ -23,6 +23,7 @@ from loralab.data import MNISTDataModule
 from loralab.errors import ArtifactError
 from loralab.files import write_json
 from loralab.lora import count_parameters, lora_disabled, lora_layers, merge_lora, unmerge_lora
+from loralab.malloc import keep_freed_memory
 from loralab.model import MLP
 from loralab.report import digit_table, split_wrong
 from loralab.trainer import last_checkpoint, make_trainer, resume_checkpoint, resume_command, tester
@@ -272,6 +273,7 @@ STAGES = {"pretrain": pretrain, "finetune": finetune, "eval": evaluate}
 
 def run_stage(cfg: DictConfig, run_dir: Path) -> dict:
     torch.set_flush_denormal(bool(cfg.flush_denormal))
+    keep_freed_memory()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     metrics = STAGES[cfg.stage.name](cfg, run_dir)
     metrics |= provenance() | {"config": OmegaConf.to_container(cfg, resolve=True)}
