@@ -9,6 +9,7 @@ def test_bench_writes_valid_json(tmp_path, mnist_dir):
     out = tmp_path / "bench.json"
     bench.main(["--reps", "2", "--quick", "--data-dir", str(mnist_dir), "--out", str(out)])
     results = json.loads(out.read_text())
+    assert "train_step_bs64_r1_default_malloc" in results
     step = results["train_step_bs64_r1"]
     assert {"full_ms", "full_default_ms", "loralab_ms", "parametrize_ms", "loralab_vs_full", "loralab_vs_full_default"} <= set(step)
     assert results["switching"]["adapter_bytes"] < 0.003 * results["switching"]["base_bytes"]

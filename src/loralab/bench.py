@@ -248,10 +248,16 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     torch.set_flush_denormal(True)
-    keep_freed_memory()  # as the stages do; both loops of a comparison run in this one process
     results = {"machine": {"platform": platform.platform(), "processor": platform.processor(), "threads": 2,
                            "torch": torch.__version__}, "reps": args.reps}
     if not args.only_protocol:
+        # Training steps twice: first with glibc's default allocator, as in a plain PyTorch process,
+        # where out-of-place temporaries cost page faults; then, like everything after, the way
+        # the stages run (keep_freed_memory).
+        for bs in (64, 256):
+            for rank in (1, 4):
+                results[f"train_step_bs{bs}_r{rank}_default_malloc"] = train_steps(bs, rank, args.reps)
+        keep_freed_memory()
         for bs in (64, 256):
             for rank in (1, 4):
                 results[f"train_step_bs{bs}_r{rank}"] = train_steps(bs, rank, args.reps)
