@@ -3,7 +3,7 @@
 glibc's malloc returns large freed blocks to the kernel (``munmap``, or trimming the heap top), so
 the next step's allocations of the same size come back as fresh pages, each one zero-filled on a
 page fault. Adam's temporaries for ExpensiveNet are 11 MB a step: a batch-10 pretrain took about
-1,600 page faults per step and its fit took 12-20 % longer. Allocations only, so results
+1,600 page faults per step and its fit took 12-25 % longer. Allocations only, so results
 are bit-identical.
 """
 
