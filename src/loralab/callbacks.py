@@ -10,20 +10,20 @@ from lightning.pytorch.callbacks import BaseFinetuning
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from loralab.lora import count_parameters, inject_lora, mark_only_lora_trainable
+from loralab.trainer import checkpoint_file, resume_command
 
 
 class ResumeHint(L.Callback):
     """On Ctrl-C or SIGTERM, say where the last checkpoint is and the command that continues."""
 
-    def __init__(self, command: str):
-        self.command = command
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, (KeyboardInterrupt, SIGTERMException)):
-            ckpt = trainer.checkpoint_callback
-            last = Path(ckpt.dirpath) / "last.ckpt" if ckpt is not None and ckpt.dirpath else None
-            if last is not None and last.exists():
-                print(f"interrupted: the last checkpoint is {last}; resume with: {self.command}", file=sys.stderr)
+            last = checkpoint_file(self.run_dir)
+            if last.exists():
+                print(f"interrupted: the last checkpoint is {last}; resume with: {resume_command(self.run_dir)}", file=sys.stderr)
             else:
                 print("interrupted before the first checkpoint: nothing to resume, start the run again", file=sys.stderr)
 

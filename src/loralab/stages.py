@@ -26,7 +26,7 @@ from loralab.lora import count_parameters, lora_disabled, lora_layers, merge_lor
 from loralab.malloc import keep_freed_memory
 from loralab.model import MLP
 from loralab.report import digit_table, split_wrong
-from loralab.trainer import last_checkpoint, make_trainer, resume_checkpoint, resume_command, tester
+from loralab.trainer import last_checkpoint, make_trainer, resume_checkpoint, tester
 from loralab.validate import check_digits
 from loralab.weights import BASE_FILE, FULL_FILE, file_sha256, fingerprint, load_base, resolve_base, save_base
 
@@ -105,7 +105,7 @@ def pretrain(cfg: DictConfig, run_dir: Path) -> dict:
     model = MLP(list(cfg.model.sizes))
     module = Classifier(model, lr=cfg.optim.lr, target_digits=digits, scheduler=cfg.optim.scheduler)
     ckpt = resume_checkpoint(cfg) if cfg.resume else None
-    trainer = make_trainer(cfg, run_dir, [ResumeHint(resume_command(run_dir))], checkpoint=True)
+    trainer = make_trainer(cfg, run_dir, [ResumeHint(run_dir)], checkpoint=True)
     # weights_only: a checkpoint is data; unpickling arbitrary objects from it could run code.
     fit_s = timed(trainer.fit, module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
     test_s = timed(tester(trainer, cfg, run_dir).test, module, datamodule=datamodule, verbose=False)
@@ -153,7 +153,7 @@ def finetune(cfg: DictConfig, run_dir: Path) -> dict:
     module = Classifier(model, lr=cfg.optim.lr, target_digits=digits, distill=cfg.finetune.distill, frozen_base=frozen)
     lora = LoRAFinetuning(**OmegaConf.to_container(cfg.lora, resolve=True)) if method == "lora" else None
     ckpt = resume_checkpoint(cfg) if cfg.resume else None
-    callbacks = [ResumeHint(resume_command(run_dir))] + ([lora] if lora else [])
+    callbacks = [ResumeHint(run_dir)] + ([lora] if lora else [])
     trainer = make_trainer(cfg, run_dir, callbacks, checkpoint=True)
     testing = tester(trainer, cfg, run_dir)
     base_sha = fingerprint(model)

@@ -31,6 +31,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_write_bytes(path, buffer.getvalue())
 
 
+def checkpoint_file(run_dir: Path) -> Path:
+    """Where a run keeps its one checkpoint, replaced at every validation."""
+    return run_dir / "checkpoints" / "last.ckpt"
+
+
 def make_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, checkpoint: bool, testing: bool = False) -> L.Trainer:
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     if testing:
@@ -43,7 +48,8 @@ def make_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, checkpoint: bo
     if checkpoint:
         # One file, replaced at every validation (mid-epoch too, for fine-tunes): with save_top_k=0,
         # save_last would only write when training ends, too late for a run that gets killed.
-        checkpoint_cb = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", save_top_k=1, enable_version_counter=False)
+        path = checkpoint_file(run_dir)
+        checkpoint_cb = ModelCheckpoint(dirpath=path.parent, filename=path.stem, save_top_k=1, enable_version_counter=False)
         callbacks = [*callbacks, checkpoint_cb]
     return L.Trainer(
         **kwargs,
@@ -84,7 +90,7 @@ def resume_checkpoint(cfg: DictConfig) -> Path:
     """The last checkpoint of an interrupted run, checked before training: the run's config must
     be this one, and the checkpoint must load without unpickling objects."""
     run_dir = Path(cfg.resume)
-    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    ckpt = checkpoint_file(run_dir)
     if not ckpt.exists():
         raise ArtifactError(f"resume={run_dir} has no checkpoints/last.ckpt; pass the run dir of an interrupted run")
     saved = run_dir / ".hydra" / "config.yaml"
@@ -103,5 +109,5 @@ def resume_checkpoint(cfg: DictConfig) -> Path:
 
 
 def last_checkpoint(run_dir: Path) -> str | None:
-    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    ckpt = checkpoint_file(run_dir)
     return str(ckpt) if ckpt.exists() else None
