@@ -28,7 +28,7 @@ test: data
 	LORALAB_DATA_DIR=$(abspath $(DATA)) $(BIN)/python -m pytest
 
 bench: data
-	$(BIN)/python -m loralab.bench --data-dir $(DATA) --out docs/bench.json
+	$(BIN)/python benchmarks/bench.py --data-dir $(DATA) --out docs/bench.json
 
 clean:
 	rm -rf outputs/*/ multirun .pytest_cache

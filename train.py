@@ -2,7 +2,8 @@
 
 import hydra
 
-from loralab.cli import main as run_cli, run_job
+from loralab.cli import main as run_cli
+from loralab.cli import run_job
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")

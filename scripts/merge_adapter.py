@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from loralab.adapter import load_adapter
+from loralab import load_adapter, remove_lora
 from loralab.errors import LoralabError
-from loralab.lora import remove_lora
-from loralab.weights import BASE_FILE, load_base, save_base
+from loralab.runs import BASE_FILE
+from loralab.weights import load_base, save_base
 
 TOLERANCE = 1e-5
 

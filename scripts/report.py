@@ -9,6 +9,7 @@ images under <dir>/report.
 import sys
 from pathlib import Path
 
+from loralab.errors import ArtifactError
 from loralab.plots import write_report
 
 if __name__ == "__main__":
@@ -17,6 +18,6 @@ if __name__ == "__main__":
         sys.exit(2)
     try:
         print(f"wrote {write_report(Path(sys.argv[1]))}")
-    except FileNotFoundError as err:
+    except ArtifactError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

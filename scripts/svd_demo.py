@@ -12,7 +12,6 @@ the adapter's scale*B@A is plotted beside it (rank r by construction).
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import matplotlib
@@ -21,9 +20,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from loralab.adapter import load_adapter  # noqa: E402
-from loralab.lora import lora_layers  # noqa: E402
-from loralab.weights import BASE_FILE, FULL_FILE, load_base  # noqa: E402
+from loralab import load_adapter, lora_layers, read_run  # noqa: E402
+from loralab.runs import BASE_FILE, FULL_FILE  # noqa: E402
+from loralab.weights import load_base  # noqa: E402
 
 
 def factorisation_demo(d: int = 10, k: int = 10, rank: int = 2) -> dict:
@@ -41,10 +40,16 @@ def factorisation_demo(d: int = 10, k: int = 10, rank: int = 2) -> dict:
     }
 
 
+def base_of(run_dir: Path):
+    """The base model a fine-tune ran on, as its metrics.json records it."""
+    metrics = read_run(run_dir).metrics
+    base = Path(metrics["base"])
+    return load_base(base / BASE_FILE if base.is_dir() else base, metrics["model"]["sizes"])[0]
+
+
 def update_spectra(full_dir: Path) -> dict[str, torch.Tensor]:
-    metrics = json.loads((full_dir / "metrics.json").read_text())
-    sizes = metrics["model"]["sizes"]
-    base, _ = load_base(Path(metrics["base"]), sizes)
+    base = base_of(full_dir)
+    sizes = base.sizes
     tuned, _ = load_base(full_dir / FULL_FILE, sizes)
     return {
         name: torch.linalg.svdvals(tuned.get_submodule(name).weight - base.get_submodule(name).weight).detach()
@@ -53,8 +58,7 @@ def update_spectra(full_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def adapter_spectra(adapter_dir: Path) -> dict[str, torch.Tensor]:
-    metrics = json.loads((adapter_dir / "metrics.json").read_text())
-    model, _ = load_base(Path(metrics["base"]) if Path(metrics["base"]).is_file() else Path(metrics["base"]) / BASE_FILE, metrics["model"]["sizes"])
+    model = base_of(adapter_dir)
     load_adapter(model, adapter_dir)
     return {name: torch.linalg.svdvals(layer.delta_weight()).detach() for name, layer in lora_layers(model).items()}
 

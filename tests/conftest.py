@@ -1,4 +1,5 @@
-"""Shared fixtures: real MNIST on disk, the real Hydra config, and real pretrain runs."""
+"""Shared fixtures and helpers: real MNIST on disk, the real Hydra config, real pretrain runs,
+the CLI as users run it, and adapters that really change the model."""
 
 from __future__ import annotations
 
@@ -8,14 +9,21 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
+from torch import nn
 
+from loralab.cli import configure_process
+from loralab.config import check_config
+from loralab.lora import is_lora_name
 from loralab.mnist import ensure_mnist
 from loralab.stages import run_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 DATA_DIR = Path(os.environ.get("LORALAB_DATA_DIR", ROOT / "data")).resolve()
+SMALL = [784, 32, 16, 10]
+ALL_LAYERS = ("linear1", "linear2", "linear3")
 
 # A fast, real slice: a few batches of real MNIST through the real Trainer.
 SLICE = [
@@ -44,20 +52,55 @@ def make_cfg(overrides: list[str], output_root: Path):
 
 
 def run(overrides: list[str], output_root: Path, name: str) -> tuple[dict, Path]:
+    """A stage in this process, validated as the CLI validates it."""
     cfg = make_cfg(overrides, output_root)
     run_dir = output_root / name
     run_dir.mkdir(parents=True)
-    return run_stage(cfg, run_dir), run_dir
+    return run_stage(check_config(cfg), run_dir), run_dir
+
+
+def env_with_data(env: dict | None = None) -> dict:
+    return {**os.environ, "LORALAB_DATA_DIR": str(DATA_DIR), **(env or {})}
 
 
 def train_py(*args: str, cwd: Path = ROOT, env: dict | None = None) -> subprocess.CompletedProcess:
     """The real CLI, as a user runs it."""
-    full_env = {**os.environ, "LORALAB_DATA_DIR": str(DATA_DIR), **(env or {})}
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True, cwd=cwd, env=full_env, timeout=900)
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True, cwd=cwd, env=env_with_data(env), timeout=900)
+
+
+def start_train_py(*args: str, **popen) -> subprocess.Popen:
+    """The real CLI in the background, to interrupt."""
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env_with_data(), **popen)
+
+
+def script(*args) -> subprocess.CompletedProcess:
+    """A script or module run as a user runs it: ``script(path, arg, ...)``."""
+    return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=600, env=env_with_data())
+
+
+def assert_one_line_error(done: subprocess.CompletedProcess, *fragments: str) -> None:
+    """Non-zero exit, no traceback, exactly one ``error:`` line, holding every fragment."""
+    assert done.returncode != 0, done.stdout
+    assert "Traceback" not in done.stderr, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, done.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+@torch.no_grad()
+def as_if_trained(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every adapter tensor non-trivial values (B = 0 at init makes any adapter invisible)."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if is_lora_name(name):
+            p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    return model
 
 
 @pytest.fixture(scope="session", autouse=True)
 def mnist_dir() -> Path:
+    configure_process(flush_denormal=True)  # as train.py does, so in-process runs match the CLI's
     ensure_mnist(DATA_DIR)
     return DATA_DIR
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from loralab import LoRASpec, inject_lora
 from loralab.adapter import load_adapter, save_adapter
 from loralab.errors import ArtifactError
-from loralab.lora import inject_lora
 from loralab.model import MLP
 
 SIZES = [784, 32, 16, 10]
@@ -18,7 +18,7 @@ SIZES = [784, 32, 16, 10]
 def adapted(sizes=SIZES, rank=2, seed=0) -> MLP:
     torch.manual_seed(seed)
     model = MLP(sizes)
-    inject_lora(model, ["linear1", "linear2", "linear3"], rank=rank, alpha=4)
+    inject_lora(model, LoRASpec(rank=rank, alpha=4, targets=["linear1", "linear2", "linear3"]))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("lora_B"):

@@ -2,12 +2,13 @@
 
 import json
 
-from loralab import bench
+from conftest import ROOT, script
 
 
 def test_bench_writes_valid_json(tmp_path, mnist_dir):
     out = tmp_path / "bench.json"
-    bench.main(["--reps", "2", "--quick", "--data-dir", str(mnist_dir), "--out", str(out)])
+    done = script(ROOT / "benchmarks" / "bench.py", "--reps", "2", "--quick", "--data-dir", mnist_dir, "--out", out)
+    assert done.returncode == 0, done.stderr
     results = json.loads(out.read_text())
     assert "train_step_bs64_r1_default_malloc" in results
     step = results["train_step_bs64_r1"]

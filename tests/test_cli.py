@@ -7,20 +7,11 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-from conftest import SLICE, train_py
+from conftest import SLICE, assert_one_line_error, train_py
 
 
 def tree_digest(root) -> dict:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def assert_one_line_error(done, *fragments):
-    assert done.returncode != 0, done.stdout
-    assert "Traceback" not in done.stderr, done.stderr
-    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, done.stderr
-    for fragment in fragments:
-        assert fragment in errors[0]
 
 
 @pytest.mark.parametrize(

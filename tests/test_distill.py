@@ -7,16 +7,16 @@ import torch
 from torch import nn
 
 from conftest import SLICE, run
+from loralab import LoRASpec, inject_lora, lora_layers, mark_only_lora_trainable
 from loralab.classifier import Classifier
 from loralab.errors import ArtifactError
-from loralab.lora import inject_lora, lora_layers, mark_only_lora_trainable
 from loralab.model import MLP
 
 
 def lora_classifier(distill=1.0) -> Classifier:
     torch.manual_seed(0)
     model = MLP([784, 32, 10])
-    inject_lora(model, ["linear1", "linear2"], rank=2, alpha=2)
+    inject_lora(model, LoRASpec(rank=2, alpha=2, targets=["linear1", "linear2"]))
     mark_only_lora_trainable(model)
     return Classifier(model, target_digits=[9], distill=distill)
 

@@ -1,14 +1,11 @@
 """Several adapters on one base, switched by name, and merging into a plain model."""
 
-import subprocess
-import sys
-
 import pytest
 import torch
 
-from conftest import ROOT, SLICE, run
+from conftest import ROOT, SLICE, run, script
+from loralab import lora_layers
 from loralab.adapter import AdapterSet
-from loralab.lora import lora_layers
 from loralab.model import MLP
 from loralab.weights import load_base
 
@@ -63,8 +60,8 @@ def test_adapter_set_switches_without_reloading(two_adapters):
 def test_merge_script_writes_a_plain_model(two_adapters, tmp_path):
     base_dir, (nine_m, nine_dir), _ = two_adapters
     out = tmp_path / "merged.safetensors"
-    cmd = [sys.executable, str(ROOT / "scripts" / "merge_adapter.py"), str(base_dir), str(nine_dir), str(out)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    cmd = [ROOT / "scripts" / "merge_adapter.py", base_dir, nine_dir, out]
+    done = script(*cmd)
     assert done.returncode == 0, done.stderr
     merged, _ = load_base(out, SIZES)
     assert type(merged) is MLP and not lora_layers(merged)
@@ -74,12 +71,12 @@ def test_merge_script_writes_a_plain_model(two_adapters, tmp_path):
     adapters.use("nine")
     x = torch.randn(64, 784)
     assert torch.allclose(merged(x), reference(x), atol=1e-5)
-    again = subprocess.run(cmd, capture_output=True, text=True)
+    again = script(*cmd)
     assert again.returncode == 2 and "already exists" in again.stderr
 
 
 def test_switching_a_merged_adapter_is_refused(two_adapters):
-    from loralab.lora import merge_lora, unmerge_lora
+    from loralab import merge_lora, unmerge_lora
 
     base_dir, (_, nine_dir), _ = two_adapters
     model, _ = load_base(base_dir / "base.safetensors", SIZES)

@@ -6,15 +6,15 @@ import copy
 import torch
 import torch.nn.functional as F
 
+from loralab import LoRASpec, inject_lora, is_lora_name, mark_only_lora_trainable
 from loralab.classifier import Classifier
 from loralab.data import load_tensors
-from loralab.lora import inject_lora, is_lora_name, mark_only_lora_trainable
 from loralab.model import MLP
 
 
 def test_a_lora_run_steps_only_the_adapter():
     model = MLP([784, 32, 16, 10])
-    inject_lora(model, ["linear1", "linear2", "linear3"], rank=2, alpha=2)
+    inject_lora(model, LoRASpec(rank=2, alpha=2, targets=["linear1", "linear2", "linear3"]))
     mark_only_lora_trainable(model)
     optimizer = Classifier(model).configure_optimizers()
     names = {id(p): n for n, p in model.named_parameters()}

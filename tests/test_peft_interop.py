@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from loralab import LoRASpec, inject_lora
 from loralab.adapter import load_adapter, save_adapter
-from loralab.lora import inject_lora
 from loralab.model import MLP
 
 peft = pytest.importorskip("peft")  # a dev dependency: installed by `make test`
@@ -19,7 +19,7 @@ def base_model(seed=0) -> MLP:
 
 def test_loralab_adapter_loads_in_peft(tmp_path):
     ours = base_model()
-    inject_lora(ours, ["linear1", "linear2", "linear3"], rank=2, alpha=4, init="kaiming")
+    inject_lora(ours, LoRASpec(rank=2, alpha=4, init="kaiming", targets=["linear1", "linear2", "linear3"]))
     with torch.no_grad():
         for name, p in ours.named_parameters():
             if name.endswith("lora_B"):

@@ -1,18 +1,15 @@
 """Reproducible runs, resuming after a SIGKILL, and refusing unsafe checkpoints."""
 
 import json
-import os
 import pickle
 import shlex
 import signal
 import subprocess
-import sys
 import time
 
 import torch
 
-from conftest import DATA_DIR, ROOT, SLICE, MakesADirectory, run, train_py
-from test_cli import assert_one_line_error
+from conftest import SLICE, MakesADirectory, assert_one_line_error, run, start_train_py, train_py
 
 VOLATILE = {"seconds", "artifacts", "config", "base", "git_commit"}
 
@@ -34,9 +31,7 @@ def test_killed_pretrain_resumes_to_the_same_result(tmp_path):
     overrides = [*SLICE, "trainer.limit_train_batches=40", "trainer.max_epochs=3", "stage=pretrain"]
     uninterrupted, _ = run(overrides, tmp_path, "whole")
     killed_dir = tmp_path / "killed"
-    cmd = [sys.executable, str(ROOT / "train.py"), *overrides, f"hydra.run.dir={killed_dir}"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "LORALAB_DATA_DIR": str(DATA_DIR)},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start_train_py(*overrides, f"hydra.run.dir={killed_dir}", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = killed_dir / "checkpoints" / "last.ckpt"
     deadline = time.time() + 300
     while not last.exists() and proc.poll() is None and time.time() < deadline:
@@ -52,9 +47,7 @@ def test_killed_pretrain_resumes_to_the_same_result(tmp_path):
 
 
 def start_and_wait_for_checkpoint(overrides: list[str], run_dir) -> subprocess.Popen:
-    cmd = [sys.executable, str(ROOT / "train.py"), *overrides, f"hydra.run.dir={run_dir}"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "LORALAB_DATA_DIR": str(DATA_DIR)},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start_train_py(*overrides, f"hydra.run.dir={run_dir}", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     last = run_dir / "checkpoints" / "last.ckpt"
     deadline = time.time() + 300
     while not last.exists() and proc.poll() is None and time.time() < deadline:

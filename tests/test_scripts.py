@@ -1,13 +1,6 @@
 """The report and SVD-demo scripts on real runs."""
 
-import subprocess
-import sys
-
-from conftest import ROOT, SLICE, run
-
-
-def script(*args):
-    return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=300)
+from conftest import ROOT, SLICE, run, script
 
 
 def test_report_writes_figures_and_markdown(finetuned, pretrained, outputs, tmp_path):

@@ -3,8 +3,8 @@
 import pytest
 
 from conftest import make_cfg
+from loralab.config import check_config
 from loralab.errors import ConfigError
-from loralab.validate import check_config
 
 BAD = [
     (["stage=finetune", "lora.rank=0"], "lora.rank=0"),

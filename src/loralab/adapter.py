@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -14,7 +15,8 @@ from torch import nn
 
 from loralab.errors import ArtifactError
 from loralab.files import write_json, write_safetensors
-from loralab.lora import inject_lora, is_lora_name, load_lora_state_dict, lora_layers, lora_state_dict, remove_lora, set_lora_enabled
+from loralab.inject import inject_lora, load_lora_state_dict, lora_layers, lora_state_dict, remove_lora, set_lora_enabled
+from loralab.lora import LoRASpec, is_lora_name
 from loralab.weights import fingerprint, read_safetensors
 
 log = logging.getLogger(__name__)
@@ -22,44 +24,45 @@ log = logging.getLogger(__name__)
 WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
+MAGNITUDE = "lora_magnitude_vector"  # PEFT saves DoRA's magnitude without a ".weight" suffix
 
 
 def to_peft_key(name: str) -> str:
-    return f"{PEFT_PREFIX}{name}.weight"
+    return f"{PEFT_PREFIX}{name}" if name.endswith(MAGNITUDE) else f"{PEFT_PREFIX}{name}.weight"
 
 
 def from_peft_key(key: str) -> str:
     name = key.removeprefix(PEFT_PREFIX).removesuffix(".weight")
-    return name.replace(".lora_A.default", ".lora_A").replace(".lora_B.default", ".lora_B")
+    return re.sub(r"\.(lora_A|lora_B|lora_magnitude_vector)\.default$", r".\1", name)
+
+
+def saved_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter as it is saved: it applies to the original base, so PiSSA's trained A and B
+    travel with the frozen start they are measured from (A' = [A; A0], B' = [B, -B0])."""
+    tensors = lora_state_dict(model)
+    for name, layer in lora_layers(model).items():
+        if layer.spec.init == "pissa":
+            tensors[f"{name}.lora_A"] = torch.cat([layer.lora_A, layer.lora_A0]).detach()
+            tensors[f"{name}.lora_B"] = torch.cat([layer.lora_B, -layer.lora_B0], dim=1).detach()
+    return tensors
+
+
+def adapter_spec(model: nn.Module) -> LoRASpec:
+    specs = {layer.spec for layer in lora_layers(model).values()}
+    if len(specs) != 1:
+        raise ValueError("the model carries no LoRA adapter to save" if not specs else f"the model carries {len(specs)} different adapters; save one")
+    return specs.pop()
 
 
 def save_adapter(model: nn.Module, directory: str | Path, sizes: list[int]) -> dict[str, Path]:
-    layers = lora_layers(model)
-    if not layers:
-        raise ValueError("the model carries no LoRA adapter to save")
-    first = next(iter(layers.values()))
+    spec = adapter_spec(model)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    config = {
-        "peft_type": "LORA",
-        "task_type": None,
-        "base_model_name_or_path": None,
-        "r": first.rank,
-        "lora_alpha": first.alpha,
-        "target_modules": list(layers),
-        "lora_dropout": getattr(first.lora_dropout, "p", 0.0),
-        "bias": "none",
-        "use_rslora": first.rslora,
-        "init_lora_weights": True if first.init == "kaiming" else "gaussian",
-        "fan_in_fan_out": False,
-        "modules_to_save": None,
-        "inference_mode": True,
-    }
     meta = {"format": "pt", "base_sha256": fingerprint(model), "model": json.dumps({"sizes": list(sizes)})}
-    tensors = {to_peft_key(name): t for name, t in lora_state_dict(model).items()}
+    tensors = {to_peft_key(name): t for name, t in saved_tensors(model).items()}
     return {
         "adapter": write_safetensors(directory / WEIGHTS_FILE, tensors, meta),
-        "adapter_config": write_json(directory / CONFIG_FILE, config),
+        "adapter_config": write_json(directory / CONFIG_FILE, spec.to_peft_config()),
     }
 
 
@@ -88,21 +91,17 @@ def read_adapter(directory: str | Path) -> tuple[dict, dict, dict]:
     return config, {from_peft_key(k): t for k, t in tensors.items()}, meta
 
 
-def lora_settings(config: dict) -> dict:
-    """The inject_lora arguments an adapter config asks for, read once from PEFT's field names."""
-    targets = config["target_modules"]
-    return {
-        "targets": tuple(targets) if isinstance(targets, list) else targets,
-        "rank": int(config["r"]),
-        "alpha": float(config["lora_alpha"]),
-        "rslora": bool(config.get("use_rslora", False)),
-    }
+def read_spec(config: dict, source: str) -> LoRASpec:
+    try:
+        return LoRASpec.from_peft_config(config)
+    except (ValueError, TypeError) as err:
+        raise ArtifactError(f"adapter in {source} cannot be used: {err}") from None
 
 
-def apply_adapter(model: nn.Module, settings: dict, state: dict, source: str) -> None:
+def apply_adapter(model: nn.Module, spec: LoRASpec, state: dict, source: str) -> None:
     """Fill ``model``'s adapters from a read adapter, injecting them first where needed."""
     try:
-        inject_lora(model, **settings)
+        inject_lora(model, spec)
         load_lora_state_dict(model, state)
     except ValueError as err:
         raise ArtifactError(f"adapter in {source} does not fit this base model: {err}") from None
@@ -119,7 +118,7 @@ def load_adapter(model: nn.Module, directory: str | Path) -> dict:
     Refuses an adapter whose shapes do not fit ``model``; warns when only the base differs.
     """
     config, state, meta = read_adapter(directory)
-    apply_adapter(model, lora_settings(config), state, str(directory))
+    apply_adapter(model, read_spec(config, str(directory)), state, str(directory))
     warn_if_other_base(meta, fingerprint(model), str(directory))
     return config
 
@@ -135,9 +134,9 @@ class AdapterSet:
     def __init__(self, model: nn.Module):
         self.model = model
         self.base_sha256 = fingerprint(model)
-        self.adapters: dict[str, tuple[dict, dict, str]] = {}  # name -> (lora settings, tensors, source)
+        self.adapters: dict[str, tuple[LoRASpec, dict, str]] = {}  # name -> (spec, tensors, source)
         self.active: str | None = None
-        self._injected: dict | None = None  # the settings of the adapters now wrapped in the model
+        self._injected: LoRASpec | None = None  # the spec of the adapters now wrapped in the model
         self._params: dict[str, torch.Tensor] = {}
         self._layers: list = []
 
@@ -146,7 +145,7 @@ class AdapterSet:
             raise ArtifactError(f"an adapter named {name!r} is already loaded; give each adapter its own name")
         config, state, meta = read_adapter(directory)
         warn_if_other_base(meta, self.base_sha256, str(directory))
-        self.adapters[name] = (lora_settings(config), state, str(directory))
+        self.adapters[name] = (read_spec(config, str(directory)), state, str(directory))
 
     def use(self, name: str | None) -> None:
         """Switch to adapter ``name``; ``None`` switches adapters off (the base model exactly)."""
@@ -155,8 +154,8 @@ class AdapterSet:
         else:
             if name not in self.adapters:
                 raise ArtifactError(f"no adapter named {name!r}; loaded: {', '.join(self.adapters) or 'none'}")
-            settings, state, source = self.adapters[name]
-            if settings == self._injected:
+            spec, state, source = self.adapters[name]
+            if spec == self._injected:
                 if any(layer.merged for layer in self._layers):
                     raise RuntimeError("an adapter is merged; call unmerge_lora(model) before switching")
                 with torch.no_grad():  # the fast path: copy A and B into the layers as they are
@@ -164,9 +163,9 @@ class AdapterSet:
                         self._params[key].copy_(tensor)
             else:
                 remove_lora(self.model)
-                apply_adapter(self.model, settings, state, source)
+                apply_adapter(self.model, spec, state, source)
                 self._params = {n: p for n, p in self.model.named_parameters() if is_lora_name(n)}
                 self._layers = list(lora_layers(self.model).values())
-                self._injected = settings
+                self._injected = spec
             set_lora_enabled(self.model, True)
         self.active = name

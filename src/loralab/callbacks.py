@@ -9,7 +9,8 @@ import lightning as L
 from lightning.pytorch.callbacks import BaseFinetuning
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from loralab.lora import count_parameters, inject_lora, mark_only_lora_trainable
+from loralab.inject import count_parameters, inject_lora, mark_only_lora_trainable
+from loralab.lora import LoRASpec
 from loralab.trainer import checkpoint_file, resume_command
 
 
@@ -33,12 +34,12 @@ class LoRAFinetuning(BaseFinetuning):
     wrapped twice. The optimizer then sees only ``lora_`` parameters, since
     ``Classifier.configure_optimizers`` takes the trainable ones."""
 
-    def __init__(self, targets, rank: int, alpha: float, dropout: float = 0.0, init: str = "gaussian", rslora: bool = False):
+    def __init__(self, spec: LoRASpec):
         super().__init__()
-        self.lora_kwargs = {"targets": targets, "rank": rank, "alpha": alpha, "dropout": dropout, "init": init, "rslora": rslora}
+        self.spec = spec
 
     def freeze_before_training(self, pl_module: L.LightningModule) -> None:
-        inject_lora(pl_module.model, **self.lora_kwargs)
+        inject_lora(pl_module.model, self.spec)
         mark_only_lora_trainable(pl_module.model)
 
     def finetune_function(self, pl_module, current_epoch, optimizer) -> None:

@@ -6,6 +6,9 @@ means the digits being trained on, "other" the rest, so forgetting shows up on i
 
 from __future__ import annotations
 
+import statistics
+import time
+
 import lightning as L
 import matplotlib
 import torch
@@ -15,22 +18,27 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from loralab.errors import ArtifactError
-from loralab.lora import is_lora_name, lora_disabled, lora_layers
+from loralab.inject import lora_disabled, lora_layers
+from loralab.lora import is_lora_name
+from loralab.results import NUM_CLASSES
 from loralab.weights import fingerprint
 
 matplotlib.use("Agg")  # figures go to TensorBoard, never to a screen
 
-NUM_CLASSES = 10
 
-
-def adam(params: list[torch.Tensor], lr: float) -> torch.optim.Adam:
+def adam(params: list, lr: float) -> torch.optim.Adam:
     """The stages' Adam (the benchmark uses it too). ``foreach`` updates all tensors per kernel
-    instead of torch's CPU default of one tensor at a time, bit-identically
-    (tests/test_optimizer.py); in a plain process it saved 0.8-3.7 ms of a batch-64 full step.
-    ``fused`` would save about 2.5 ms of an 11.9 ms batch-10 step, but it rounds differently and
-    that changes results the way another seed does: the seeds' base came out at 42 wrong nines
-    instead of 58, and ``experiment=no_forgetting`` on it missed its target (docs/benchmarks.md)."""
+    instead of torch's CPU default of one at a time, bit-identically (tests/test_optimizer.py);
+    docs/benchmarks.md has the measurements, and why ``fused`` is not used."""
     return torch.optim.Adam(params, lr=lr, foreach=True)
+
+
+def loraplus_groups(named: list[tuple[str, nn.Parameter]], lr: float, ratio: float) -> list[dict]:
+    """LoRA+ (Hayou et al., 2024) as PEFT's create_loraplus_optimizer: every B matrix and every
+    1-D trainable parameter (DoRA's magnitudes) learns ``ratio`` times faster than the rest."""
+    fast = [p for n, p in named if "lora_B" in n or p.ndim == 1]
+    slow = [p for n, p in named if not ("lora_B" in n or p.ndim == 1)]
+    return [group for group in ({"params": slow, "lr": lr}, {"params": fast, "lr": lr * ratio}) if group["params"]]
 
 
 def digit_metrics() -> MetricCollection:
@@ -52,9 +60,10 @@ class Classifier(L.LightningModule):
         scheduler: str = "none",
         distill: float = 0.0,
         frozen_base: nn.Module | None = None,
+        loraplus_ratio: float | None = None,
     ):
         super().__init__()
-        self.model, self.lr, self.scheduler = model, lr, scheduler
+        self.model, self.lr, self.scheduler, self.loraplus_ratio = model, lr, scheduler, loraplus_ratio
         self.target_digits = list(range(NUM_CLASSES)) if target_digits is None else sorted(target_digits)
         # Learning without Forgetting (Li & Hoiem, 2016): on the replayed images of the other
         # digits, also match the base model's output distribution, not only the label. The base
@@ -63,16 +72,18 @@ class Classifier(L.LightningModule):
         self.register_buffer("target_mask", torch.isin(torch.arange(NUM_CLASSES), torch.tensor(self.target_digits)), persistent=False)
         self.val_metrics = digit_metrics()
         self.test_metrics = digit_metrics()
-        self.test_prefix = "test"  # the fine-tune stage tests a second time as "test_base"
-        self.last_test: dict | None = None
+        self.test_split = "test"  # what trainer.run_test logs this test as: test, test_base, ...
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
     def configure_optimizers(self):
         # Only what is trainable: under LoRA the callback has frozen all but the lora_ parameters.
-        trainable = [p for p in self.parameters() if p.requires_grad]
-        optimizer = adam(trainable, self.lr)
+        trainable = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        if self.loraplus_ratio:
+            optimizer = adam(loraplus_groups(trainable, self.lr, self.loraplus_ratio), self.lr)
+        else:
+            optimizer = adam([p for _, p in trainable], self.lr)
         if self.scheduler == "none":
             return optimizer
         # Cosine decay to zero over the run: a constant-lr Adam ends wherever its last noisy steps
@@ -117,8 +128,18 @@ class Classifier(L.LightningModule):
                     base = self.model(x)
         return F.kl_div(F.log_softmax(logits, dim=1), F.log_softmax(base, dim=1), log_target=True, reduction="batchmean")
 
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        self._step_start = time.perf_counter()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        self._step_seconds.append(time.perf_counter() - self._step_start)  # forward, backward, optimizer
+
+    def on_train_start(self) -> None:
+        self._step_seconds = []
+
     def on_train_end(self) -> None:
         # callback_metrics is what Lightning carries back from spawned ranks to the main process.
+        self.trainer.callback_metrics["step_seconds"] = torch.tensor(statistics.median(self._step_seconds or [float("nan")]), dtype=torch.float64)
         state_bytes = sum(
             t.numel() * t.element_size()
             for optimizer in self.trainer.optimizers
@@ -163,12 +184,12 @@ class Classifier(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         values = self.test_metrics.compute()
-        self.log_dict(self.summarise(values, self.test_prefix))
-        self.log_confusion_figure(values["confmat"], f"{self.test_prefix}/confusion_matrix")
+        self.log_dict(self.summarise(values, self.test_split))
+        self.log_confusion_figure(values["confmat"], f"{self.test_split}/confusion_matrix")
         self.test_metrics.reset()
 
     def summarise(self, values: dict[str, torch.Tensor], split: str) -> dict[str, float]:
-        """Scalars to log for one split; also keeps wrong/count lists of a test for metrics.json."""
+        """Scalars to log for one split: accuracy, and errors per digit and per target/other group."""
         confmat = values["confmat"]
         count = confmat.sum(dim=1)
         wrong = count - confmat.diagonal()
@@ -182,12 +203,6 @@ class Classifier(L.LightningModule):
             if mask.any():
                 out[f"{split}/wrong_{group}"] = float(wrong[mask].sum())
                 out[f"{split}/err_{group}"] = float(wrong[mask].sum() / count[mask].sum().clamp(min=1))
-        if split != "val":
-            self.last_test = {
-                "acc": out[f"{split}/acc"],
-                "wrong": [int(w) for w in wrong.tolist()],
-                "count": [int(c) for c in count.tolist()],
-            }
         return out
 
     def log_confusion_figure(self, confmat: torch.Tensor, tag: str) -> None:

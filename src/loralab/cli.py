@@ -15,9 +15,10 @@ from hydra.errors import HydraException, MissingConfigException, OverrideParseEx
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from loralab.config import check_config
 from loralab.errors import ArtifactError, LoralabError
 from loralab.files import write_text
-from loralab.validate import check_config
+from loralab.runs import ERROR_FILE, METRICS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -38,19 +39,31 @@ def discard_if_empty(run_dir: Path, output_root: Path) -> None:
         parent.rmdir()
 
 
+def configure_process(flush_denormal: bool) -> None:
+    """Process-wide settings, made here at the entry point rather than by whoever runs a stage."""
+    import torch
+
+    from loralab.malloc import keep_freed_memory
+
+    # Adam's state goes subnormal on long CPU runs and steps slow down about 3x.
+    torch.set_flush_denormal(flush_denormal)
+    keep_freed_memory()
+
+
 def run_job(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     try:
-        check_config(cfg)
-        if (run_dir / "metrics.json").exists():
-            raise ArtifactError(f"{run_dir} already holds a finished run (metrics.json); choose another hydra.run.dir")
+        settings = check_config(cfg)
+        if (run_dir / METRICS_FILE).exists():
+            raise ArtifactError(f"{run_dir} already holds a finished run ({METRICS_FILE}); choose another hydra.run.dir")
         # Imported once the config is known good: Lightning and torchmetrics take seconds to
         # import, and a typo should cost one line, not that wait.
         from loralab.stages import run_stage
 
-        metrics = run_stage(cfg, run_dir)
+        configure_process(cfg.flush_denormal)
+        metrics = run_stage(settings, run_dir)
     except SystemExit as exit_:
         from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -65,7 +78,7 @@ def run_job(cfg: DictConfig) -> float | None:
         print(f"error: {err}", file=sys.stderr)
         if multirun:
             # The sweep goes on; the summary lists this job as failed.
-            write_text(run_dir / "error.txt", f"{err}\n")
+            write_text(run_dir / ERROR_FILE, f"{err}\n")
             return None
         discard_if_empty(run_dir, Path(cfg.output_root))
         sys.exit(2)

@@ -117,6 +117,11 @@ class MNISTDataModule(L.LightningDataModule):
         selected = torch.isin(train_y[fit_idx], torch.tensor(self.digits))
         self.train_pool, self.other_pool = fit_idx[selected], fit_idx[~selected]
 
+    @functools.cached_property
+    def test_counts(self) -> tuple[int, ...]:
+        """Images per digit in the test set."""
+        return tuple(torch.bincount(self.test_set.y, minlength=10).tolist())
+
     def shard(self) -> tuple[int, int]:
         """(rank, world size) of this process: each rank reads only its share of the data."""
         trainer = self.trainer

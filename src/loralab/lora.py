@@ -1,77 +1,211 @@
-"""LoRA from scratch: Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models" (2021).
+"""LoRA from scratch: Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models" (2021),
+with the variants practitioners choose between: DoRA, PiSSA's init and rsLoRA's scaling.
 
-``LoRALinear`` wraps a frozen ``nn.Linear`` and adds ``scale * B @ A`` to its weight, computed
-factorised (``(x @ A.T) @ B.T``) so the dense ``d x k`` update is never built while training.
-Every adapter parameter's name starts with ``lora_``: that prefix is the contract for freezing,
-optimizer filtering and saving. Merging is explicit and never tied to ``train()``/``eval()``.
+``LoRASpec`` is everything that defines an adapter, built once and used everywhere (injection,
+adapter files, metrics.json, HParams). ``LoRALinear`` wraps a frozen ``nn.Linear`` and adds
+``scale * B @ A`` to its weight, computed factorised so the dense update is never built while
+training. Every adapter tensor's name starts with ``lora_``: that prefix is the contract for
+freezing, optimizer filtering and saving. Merging is explicit and never tied to ``train()``.
 """
 
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-INITS = ("gaussian", "kaiming")
+# gaussian: A ~ N(0, 1), the seeds' choice; kaiming: PEFT's default; pissa: Meng et al. (2024).
+INITS = ("gaussian", "kaiming", "pissa")
 PREFIX = "lora_"
 
 
+def _invalid(name: str, value, allowed: str) -> ValueError:
+    return ValueError(f"lora.{name}={value!r} is invalid: {allowed}")
+
+
+@dataclass(frozen=True)
+class LoRASpec:
+    """An adapter's settings. ``targets`` is a list of layer names or one regex (full match)."""
+
+    rank: int
+    alpha: float
+    targets: tuple[str, ...] | str = field(default=("linear1", "linear2", "linear3"))
+    dropout: float = 0.0
+    init: str = "gaussian"
+    rslora: bool = False
+    dora: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise _invalid("rank", self.rank, "expected an integer ≥ 1")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 < self.alpha < math.inf:
+            raise _invalid("alpha", self.alpha, "expected a number > 0")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise _invalid("dropout", self.dropout, "expected a number ≥ 0 and < 1")
+        if self.init not in INITS:
+            raise _invalid("init", self.init, f"expected one of {', '.join(INITS)}")
+        for name in ("rslora", "dora"):
+            if not isinstance(getattr(self, name), bool):
+                raise _invalid(name, getattr(self, name), "expected true or false")
+        targets = self.targets if isinstance(self.targets, str) else tuple(self.targets)
+        if not isinstance(targets, str) and not all(isinstance(t, str) for t in targets):
+            raise _invalid("targets", self.targets, "expected a list of layer names or one regex string")
+        object.__setattr__(self, "targets", targets)
+        object.__setattr__(self, "alpha", float(self.alpha))
+        object.__setattr__(self, "dropout", float(self.dropout))
+
+    @property
+    def scale(self) -> float:
+        # Section 4.1 of the LoRA paper: scaling by alpha / r means retuning the learning rate is
+        # rarely needed when r changes. rsLoRA (Kalajdzievski, 2023) uses alpha / sqrt(r) so that
+        # large ranks keep learning.
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+    def to_dict(self) -> dict:
+        """metrics.json's ``lora`` field and the run's HParams."""
+        values = asdict(self)
+        values["targets"] = self.targets if isinstance(self.targets, str) else list(self.targets)
+        return {"rank": self.rank, "alpha": self.alpha, "scale": self.scale} | values
+
+    @property
+    def saved_rank(self) -> int:
+        """The rank of the saved adapter: PiSSA's is written as plain LoRA on the original base,
+        A' = [A; A0] and B' = [B, -B0] (PEFT's conversion), so it holds twice the trained rank."""
+        return 2 * self.rank if self.init == "pissa" else self.rank
+
+    def to_peft_config(self) -> dict:
+        """adapter_config.json in PEFT's LoraConfig fields, describing the saved file."""
+        # PEFT's PiSSA conversion keeps the scale at twice the rank: alpha * 2, or * sqrt 2 (rsLoRA).
+        alpha = self.alpha * (self.saved_rank / self.rank) ** (0.5 if self.rslora else 1.0)
+        return {
+            "peft_type": "LORA",
+            "task_type": None,
+            "base_model_name_or_path": None,
+            "r": self.saved_rank,
+            "lora_alpha": alpha,
+            "target_modules": self.targets if isinstance(self.targets, str) else list(self.targets),
+            "lora_dropout": self.dropout,
+            "bias": "none",
+            "use_rslora": self.rslora,
+            "use_dora": self.dora,
+            "init_lora_weights": "gaussian" if self.init == "gaussian" else True,
+            "fan_in_fan_out": False,
+            "modules_to_save": None,
+            "inference_mode": True,
+        }
+
+    @classmethod
+    def from_peft_config(cls, config: dict) -> LoRASpec:
+        """The spec of a saved adapter (ours or PEFT's): what to inject before loading its tensors."""
+        init = config.get("init_lora_weights", True)
+        if isinstance(init, str) and init.startswith("pissa"):
+            raise ValueError("it is a PiSSA adapter saved without conversion (it applies to PiSSA's residual base only); "
+                             "save it with PEFT's path_initial_model_for_weight_conversion")
+        targets = config["target_modules"]
+        return cls(
+            rank=int(config["r"]),
+            alpha=float(config["lora_alpha"]),
+            targets=tuple(targets) if isinstance(targets, list) else targets,
+            dropout=float(config.get("lora_dropout") or 0.0),
+            init="gaussian" if init == "gaussian" else "kaiming",
+            rslora=bool(config.get("use_rslora", False)),
+            dora=bool(config.get("use_dora", False)),
+        )
+
+
 class LoRALinear(nn.Module):
-    def __init__(
-        self,
-        base_layer: nn.Linear,
-        rank: int,
-        alpha: float,
-        dropout: float = 0.0,
-        init: str = "gaussian",
-        rslora: bool = False,
-    ):
+    """``base_layer(x) + scale * B A x``; with DoRA, each output row is rescaled to a learnt
+    magnitude; with PiSSA, A and B start on W's principal singular directions."""
+
+    def __init__(self, base_layer: nn.Linear, spec: LoRASpec):
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
             raise TypeError(f"LoRALinear wraps nn.Linear, got {type(base_layer).__name__}")
         max_rank = min(base_layer.in_features, base_layer.out_features)
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= max_rank:
-            raise ValueError(f"rank must be an integer in 1..{max_rank} for {base_layer}, got {rank!r}")
-        if init not in INITS:
-            raise ValueError(f"init must be one of {INITS}, got {init!r}")
-        self.base_layer = base_layer
-        self.rank, self.alpha, self.init, self.rslora = rank, float(alpha), init, rslora
-        # Section 4.1 of the paper: scaling by alpha / r means retuning the learning rate is rarely
-        # needed when r changes. rsLoRA (Kalajdzievski, 2023) uses alpha / sqrt(r) so that large
-        # ranks keep learning.
-        self.scale = self.alpha / (math.sqrt(rank) if rslora else rank)
+        if spec.rank > max_rank:
+            raise ValueError(f"rank must be an integer in 1..{max_rank} for {base_layer}, got {spec.rank!r}")
+        self.base_layer, self.spec = base_layer, spec
+        self.rank, self.scale = spec.rank, spec.scale
         factory = {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
-        self.lora_A = nn.Parameter(torch.empty(rank, base_layer.in_features, **factory))
-        self.lora_B = nn.Parameter(torch.zeros(base_layer.out_features, rank, **factory))
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_A = nn.Parameter(torch.empty(spec.rank, base_layer.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(base_layer.out_features, spec.rank, **factory))
+        if spec.init == "pissa":
+            # The frozen initial product: the model computes W + s(BA - B0A0), equal to W at step 0.
+            self.register_buffer("lora_A0", torch.empty_like(self.lora_A))
+            self.register_buffer("lora_B0", torch.empty_like(self.lora_B))
+        if spec.dora:
+            self.lora_magnitude_vector = nn.Parameter(torch.empty(base_layer.out_features, **factory))
+        self.lora_dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
         self.enabled = True
         self.merged = False
+        self._dora_factor: torch.Tensor | None = None  # m / ||W + dW|| while merged
         self.reset_lora_parameters()
 
+    @torch.no_grad()
     def reset_lora_parameters(self) -> None:
-        if self.init == "gaussian":
+        init = self.spec.init
+        if init == "gaussian":
             nn.init.normal_(self.lora_A, mean=0.0, std=1.0)  # the seeds' choice
-        else:
+        elif init == "kaiming":
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's default
-        nn.init.zeros_(self.lora_B)  # B = 0: the first forward pass equals the base model's
+        if init == "pissa":
+            # PiSSA (Meng et al., 2024), as PEFT's pissa_init: the top-r singular triplets of W,
+            # divided by the scale so that s * B0 A0 is W's principal part, split as sqrt(S).
+            weight = self.base_layer.weight.float()
+            u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+            root = torch.sqrt(s[: self.rank] / self.scale)
+            self.lora_A.copy_(root[:, None] * vh[: self.rank])
+            self.lora_B.copy_(u[:, : self.rank] * root[None, :])
+            self.lora_A0.copy_(self.lora_A)
+            self.lora_B0.copy_(self.lora_B)
+        else:
+            nn.init.zeros_(self.lora_B)  # B = 0: the first forward pass equals the base model's
+        if self.spec.dora:
+            # DoRA (Liu et al., 2024): m starts at the row norms of the adapted weight, i.e. ||W||.
+            self.lora_magnitude_vector.copy_(self.weight_norm())
 
     def delta_weight(self) -> torch.Tensor:
-        return (self.lora_B @ self.lora_A) * self.scale
+        delta = self.lora_B @ self.lora_A
+        if self.spec.init == "pissa":
+            delta = delta - self.lora_B0 @ self.lora_A0
+        return delta * self.scale
+
+    def weight_norm(self) -> torch.Tensor:
+        """||W + dW|| per output row, detached: DoRA paper section 4.3 treats it as a constant."""
+        weight = self.base_layer.weight
+        return torch.linalg.norm(weight + self.delta_weight().detach().to(weight.dtype), dim=1).detach()
+
+    def lora_output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``out + scale * B A x``; under PiSSA ``out + scale * (B A x - B0 A0 x)``, whose
+        difference is exactly zero at step 0 (the same products of the same tensors)."""
+        if self.spec.init == "pissa":
+            lora = F.linear(F.linear(x, self.lora_A), self.lora_B) - F.linear(F.linear(x, self.lora_A0), self.lora_B0)
+            return torch.add(out, lora, alpha=self.scale)
+        if out.dim() != 2:
+            return out + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
+        # One kernel for out + scale * h @ B.T: no temporary for the product or the scaling.
+        return torch.addmm(out, F.linear(x, self.lora_A), self.lora_B.t(), alpha=self.scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
         if not self.enabled or self.merged:
             return out
-        h = F.linear(self.lora_dropout(x), self.lora_A)
-        if out.dim() == 2:
-            # One kernel for out + scale * h @ B.T: no temporary for the product or the scaling.
-            return torch.addmm(out, h, self.lora_B.t(), alpha=self.scale)
-        return out + F.linear(h, self.lora_B) * self.scale
+        dropped = self.lora_dropout(x)
+        if not self.spec.dora:
+            return self.lora_output(dropped, out)
+        # DoRA as PEFT computes it: out + (m/n - 1) W x' + (m/n) s B A x', x' the dropped input;
+        # without dropout that is (m/n)(W x + s B A x) + bias: the bias is not rescaled.
+        factor = self.lora_magnitude_vector / self.weight_norm()
+        bias = self.base_layer.bias
+        if isinstance(self.lora_dropout, nn.Identity) or not self.training:
+            base = out if bias is None else out - bias
+        else:
+            base = F.linear(dropped, self.base_layer.weight)
+        lora = self.lora_output(dropped, torch.zeros_like(base))
+        return out + (factor - 1) * base + factor * lora
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -79,163 +213,31 @@ class LoRALinear(nn.Module):
             return
         if not self.enabled:
             raise RuntimeError("cannot merge a disabled adapter; enable it first")
-        self.base_layer.weight += self.delta_weight().to(self.base_layer.weight.dtype)
+        weight = self.base_layer.weight
+        delta = self.delta_weight().to(weight.dtype)
+        if self.spec.dora:
+            self._dora_factor = self.lora_magnitude_vector / self.weight_norm()
+            weight.add_(delta).mul_(self._dora_factor[:, None])
+        else:
+            weight += delta
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if not self.merged:
             return
-        self.base_layer.weight -= self.delta_weight().to(self.base_layer.weight.dtype)
+        weight = self.base_layer.weight
+        if self.spec.dora:
+            weight.div_(self._dora_factor[:, None])
+            self._dora_factor = None
+        weight -= self.delta_weight().to(weight.dtype)
         self.merged = False
 
     def extra_repr(self) -> str:
-        return f"rank={self.rank}, alpha={self.alpha:g}, scale={self.scale:g}, enabled={self.enabled}, merged={self.merged}"
-
-
-def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
-
-
-def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Adaptable layers by name: plain Linears, and LoRALinears in place of the Linear they wrap."""
-    wrapped = {id(m.base_layer) for m in lora_layers(model).values()}
-    return {
-        name: m
-        for name, m in model.named_modules()
-        if isinstance(m, LoRALinear) or (isinstance(m, nn.Linear) and id(m) not in wrapped)
-    }
-
-
-def resolve_targets(model: nn.Module, targets: str | Iterable[str]) -> list[str]:
-    """Module names for ``targets``: a list of names, or one regex matched against whole names."""
-    available = linear_layers(model)
-    if isinstance(targets, str):
-        names = [n for n in available if re.fullmatch(targets, n)]
-        if not names:
-            raise ValueError(f"lora.targets regex {targets!r} matches no Linear layer; available: {', '.join(available)}")
-        return names
-    names = list(targets)
-    if not names:
-        raise ValueError(f"lora.targets is empty; name one or more of: {', '.join(available)}")
-    unknown = [n for n in names if n not in available]
-    if unknown:
-        raise ValueError(f"lora.targets {unknown} are not Linear layers; available: {', '.join(available)}")
-    return names
-
-
-def inject_lora(
-    model: nn.Module,
-    targets: str | Iterable[str],
-    rank: int,
-    alpha: float,
-    dropout: float = 0.0,
-    init: str = "gaussian",
-    rslora: bool = False,
-) -> list[str]:
-    """Wrap each target Linear in a LoRALinear; return the targeted names.
-
-    Idempotent: a layer that already carries an adapter with the same rank, alpha and scaling is
-    left alone (Lightning runs setup for fit, validate and test); a different one is an error.
-    """
-    names = resolve_targets(model, targets)
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        layer = getattr(parent, child)
-        if isinstance(layer, LoRALinear):
-            if (layer.rank, layer.alpha, layer.rslora) != (rank, float(alpha), rslora):
-                raise ValueError(
-                    f"{name} already has an adapter (rank={layer.rank}, alpha={layer.alpha:g}, "
-                    f"rslora={layer.rslora}); remove it before injecting rank={rank}, alpha={alpha}"
-                )
-            continue
-        setattr(parent, child, LoRALinear(layer, rank, alpha, dropout, init, rslora))
-    return names
-
-
-def mark_only_lora_trainable(model: nn.Module) -> None:
-    """Freeze every base parameter, biases included, as the seeds do."""
-    for name, param in model.named_parameters():
-        param.requires_grad = is_lora_name(name)
+        variant = "".join(f", {flag}" for flag in ("dora", "rslora") if getattr(self.spec, flag))
+        return f"rank={self.rank}, alpha={self.spec.alpha:g}, scale={self.scale:g}, init={self.spec.init}{variant}, enabled={self.enabled}, merged={self.merged}"
 
 
 def is_lora_name(name: str) -> bool:
     return name.rpartition(".")[2].startswith(PREFIX)
 
-
-def set_lora_enabled(model: nn.Module, enabled: bool) -> None:
-    for name, layer in lora_layers(model).items():
-        if layer.merged and not enabled:
-            raise RuntimeError(f"{name} is merged; call unmerge_lora(model) before disabling adapters")
-        layer.enabled = enabled
-
-
-@contextmanager
-def lora_disabled(model: nn.Module) -> Iterator[nn.Module]:
-    """The base model, for the duration of the block (PEFT's ``disable_adapter()``)."""
-    layers = lora_layers(model)
-    before = {name: layer.enabled for name, layer in layers.items()}
-    set_lora_enabled(model, False)
-    try:
-        yield model
-    finally:
-        for name, layer in layers.items():
-            layer.enabled = before[name]
-
-
-def merge_lora(model: nn.Module) -> None:
-    for layer in lora_layers(model).values():
-        layer.merge()
-
-
-def unmerge_lora(model: nn.Module) -> None:
-    for layer in lora_layers(model).values():
-        layer.unmerge()
-
-
-def remove_lora(model: nn.Module, merge: bool = False) -> nn.Module:
-    """Put each wrapped Linear back in its place; with ``merge``, its weight keeps the update first.
-
-    The result is a plain model whose inference cost is the base model's.
-    """
-    for name, layer in lora_layers(model).items():
-        if merge:
-            layer.merge()
-        else:
-            layer.unmerge()
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, layer.base_layer)
-    return model
-
-
-def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone() for name, p in model.named_parameters() if is_lora_name(name)}
-
-
-@torch.no_grad()
-def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy adapter tensors into an injected model; names and shapes must match exactly."""
-    own = {name: p for name, p in model.named_parameters() if is_lora_name(name)}
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise ValueError(f"adapter tensors do not match the model: missing {missing}, unexpected {unexpected}")
-    layers = lora_layers(model)
-    for name, tensor in state.items():
-        if tuple(tensor.shape) != tuple(own[name].shape):
-            raise ValueError(f"{name} has shape {tuple(tensor.shape)}, the model expects {tuple(own[name].shape)}")
-        if layers[name.rpartition(".")[0]].merged:
-            raise RuntimeError(f"{name} belongs to a merged layer; unmerge before loading another adapter")
-        own[name].copy_(tensor)
-
-
-def count_parameters(model: nn.Module) -> dict[str, int]:
-    params = dict(model.named_parameters())
-    lora = sum(p.numel() for n, p in params.items() if is_lora_name(n))
-    total = sum(p.numel() for p in params.values())
-    return {
-        "total": total,
-        "trainable": sum(p.numel() for p in params.values() if p.requires_grad),
-        "lora": lora,
-        "base": total - lora,
-    }

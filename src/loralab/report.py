@@ -4,25 +4,23 @@ from __future__ import annotations
 
 import csv
 import io
-import json
+import re
+import statistics
 from pathlib import Path
 
-from loralab.files import write_text
+from loralab.files import write_json, write_text
+from loralab.results import Shift, TestResult
+from loralab.runs import Run, sweep_jobs
 
 SUMMARY_COLUMNS = [
     "job", "status", "method", "rank", "alpha", "digits", "trainable",
     "target_wrong_before", "target_wrong_after", "other_wrong_before", "other_wrong_after",
     "acc_before", "acc_after", "forgetting", "optimizer_state_bytes", "artifact_bytes", "fit_seconds",
+    "seed", "variant",
 ]
 
 
-def split_wrong(test: dict, digits: list[int]) -> tuple[int, int]:
-    """(wrong on the target digits, wrong on the others) for one test result."""
-    target = sum(w for d, w in enumerate(test["wrong"]) if d in digits)
-    return target, sum(test["wrong"]) - target
-
-
-def digit_table(test: dict, before: dict | None = None, digits: list[int] | None = None) -> str:
+def digit_table(test: TestResult, before: TestResult | None = None, digits: list[int] | None = None) -> str:
     """Per-digit wrong counts and error rates; with ``before``, side by side as before -> after."""
     digits = digits or []
     lines = []
@@ -30,55 +28,43 @@ def digit_table(test: dict, before: dict | None = None, digits: list[int] | None
         lines.append(f"{'digit':>6} {'count':>6} {'wrong':>6} {'err %':>7}")
     else:
         lines.append(f"{'digit':>6} {'count':>6} {'wrong before -> after':>22} {'err % before -> after':>22}")
-    for d, count in enumerate(test["count"]):
+    for d, count in enumerate(test.count):
         mark = f"{d}*" if d in digits else f"{d} "
-        after = test["wrong"][d]
+        after = test.wrong[d]
         if before is None:
             lines.append(f"{mark:>6} {count:>6} {after:>6} {100 * after / count:>7.2f}")
         else:
-            b = before["wrong"][d]
+            b = before.wrong[d]
             lines.append(f"{mark:>6} {count:>6} {b:>10} -> {after:<8} {100 * b / count:>10.2f} -> {100 * after / count:<8.2f}")
-    total = sum(test["count"])
+    total = sum(test.count)
     if before is None:
-        lines.append(f"{'all':>6} {total:>6} {sum(test['wrong']):>6} {100 * (1 - test['acc']):>7.2f}   accuracy {100 * test['acc']:.2f} %")
+        lines.append(f"{'all':>6} {total:>6} {sum(test.wrong):>6} {100 * (1 - test.acc):>7.2f}   accuracy {100 * test.acc:.2f} %")
     else:
-        lines.append(f"{'all':>6} {total:>6} {sum(before['wrong']):>10} -> {sum(test['wrong']):<8}"
-                     f"   accuracy {100 * before['acc']:.2f} % -> {100 * test['acc']:.2f} %")
-        if digits and len(digits) < len(test["count"]):
-            (tb, ob), (ta, oa) = split_wrong(before, digits), split_wrong(test, digits)
-            lines.append(f"target digits {digits}: wrong {tb} -> {ta};  other digits: wrong {ob} -> {oa} (forgetting {oa - ob:+d})")
+        lines.append(f"{'all':>6} {total:>6} {sum(before.wrong):>10} -> {sum(test.wrong):<8}"
+                     f"   accuracy {100 * before.acc:.2f} % -> {100 * test.acc:.2f} %")
+        if digits and len(digits) < len(test.count):
+            shift = Shift.between(before, test, digits)
+            lines.append(f"target digits {digits}: wrong {shift.target_before} -> {shift.target_after};  "
+                         f"other digits: wrong {shift.other_before} -> {shift.other_after} (forgetting {shift.forgetting:+d})")
     return "\n".join(lines)
 
 
-def summary_row(job: str, metrics: dict) -> dict:
-    digits = metrics.get("digits", list(range(10)))
-    test, before = metrics["test"], metrics.get("test_base", metrics["test"])
-    (tb, ob), (ta, oa) = split_wrong(before, digits), split_wrong(test, digits)
-    lora = metrics.get("lora") or {}
+def summary_row(run: Run) -> dict:
+    m, shift = run.metrics, run.shift
+    before = run.test_base or run.test
+    lora = m.get("lora") or {}
     return {
-        "job": job, "status": "ok", "method": metrics.get("method", metrics["stage"]),
+        "job": run.name, "status": "ok", "method": m.get("method", m["stage"]),
         "rank": lora.get("rank", ""), "alpha": lora.get("alpha", ""),
-        "digits": " ".join(map(str, digits)), "trainable": metrics["params"]["trainable"],
-        "target_wrong_before": tb, "target_wrong_after": ta, "other_wrong_before": ob, "other_wrong_after": oa,
-        "acc_before": round(before["acc"], 4), "acc_after": round(test["acc"], 4),
-        "forgetting": oa - ob, "optimizer_state_bytes": metrics.get("optimizer_state_bytes", ""),
-        "artifact_bytes": metrics.get("artifact_bytes", ""),
-        "fit_seconds": round(metrics["seconds"]["fit"], 2),
+        "digits": " ".join(map(str, run.digits)), "trainable": m["params"]["trainable"],
+        "target_wrong_before": shift.target_before, "target_wrong_after": shift.target_after,
+        "other_wrong_before": shift.other_before, "other_wrong_after": shift.other_after,
+        "acc_before": round(before.acc, 4), "acc_after": round(run.test.acc, 4),
+        "forgetting": shift.forgetting, "optimizer_state_bytes": m.get("optimizer_state_bytes", ""),
+        "artifact_bytes": m.get("artifact_bytes", ""),
+        "fit_seconds": round(m["seconds"]["fit"], 2),
+        "seed": m.get("seed", ""), "variant": run.label,
     }
-
-
-def collect(sweep_dir: str | Path) -> list[dict]:
-    """One summary row per job directory (a subdirectory with Hydra's .hydra/ folder)."""
-    rows = []
-    for job_dir in sorted((p.parent for p in Path(sweep_dir).glob("*/.hydra")), key=lambda p: p.name):
-        metrics_file = job_dir / "metrics.json"
-        if metrics_file.exists():
-            rows.append(summary_row(job_dir.name, json.loads(metrics_file.read_text())))
-        else:
-            error = job_dir / "error.txt"
-            reason = error.read_text().strip() if error.exists() else "no metrics.json (see the job's log)"
-            rows.append({"job": job_dir.name, "status": f"failed: {reason}"})
-    return rows
 
 
 MARKDOWN_COLUMNS = {
@@ -101,13 +87,63 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
+def setting_name(job: str) -> str:
+    """A job's name without its number and seed: ``3_lora.rank=2,seed=1`` -> ``lora.rank=2``."""
+    overrides = [o for o in re.sub(r"^\d+_", "", job).split(",") if not re.fullmatch(r"seed=\d+", o)]
+    return ",".join(overrides) or "default"
+
+
+def spread(values: list[float], digits: int = 4) -> dict:
+    return {"median": round(statistics.median(values), digits), "min": round(min(values), digits), "max": round(max(values), digits)}
+
+
+def seed_groups(runs: list[Run]) -> list[dict]:
+    """One row per setting: the jobs that differ only by seed, as median and min-max."""
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(run.setting, []).append(run)
+    rows = []
+    for members in groups.values():
+        first = members[0]
+        rows.append({
+            "setting": setting_name(first.name), "label": first.label, "seeds": [r.metrics["seed"] for r in members],
+            "trainable": first.metrics["params"]["trainable"], "optimizer_state_bytes": first.metrics.get("optimizer_state_bytes"),
+            "target_wrong_before": first.shift.target_before, "other_wrong_before": first.shift.other_before,
+            "acc_before": round((first.test_base or first.test).acc, 4),
+            "target_wrong": spread([r.shift.target_after for r in members]),
+            "other_wrong": spread([r.shift.other_after for r in members]),
+            "acc": spread([r.test.acc for r in members]),
+            "fit_seconds": spread([r.metrics["seconds"]["fit"] for r in members], 2),
+            "step_ms": spread([1000 * r.metrics["seconds"].get("step", float("nan")) for r in members], 2),
+        })
+    return rows
+
+
+def seed_table(groups: list[dict]) -> str:
+    def cell(value: dict) -> str:
+        return f"{value['median']:g} ({value['min']:g}–{value['max']:g})"
+
+    out = ["| setting | seeds | trainable params | optimizer state B | target wrong | other wrong | accuracy | fit s | step ms |", "|" + "---|" * 9]
+    for g in groups:
+        out.append(f"| {g['setting']} | {len(g['seeds'])} | {g['trainable']} | {g['optimizer_state_bytes']} | {g['target_wrong_before']} → {cell(g['target_wrong'])} | "
+                   f"{g['other_wrong_before']} → {cell(g['other_wrong'])} | {g['acc_before']:g} → {cell(g['acc'])} | {cell(g['fit_seconds'])} | {cell(g['step_ms'])} |")
+    return "\n".join(out) + "\n"
+
+
 def write_summary(sweep_dir: str | Path) -> tuple[list[dict], str]:
-    rows = collect(sweep_dir)
+    """summary.csv (one row per job), summary.md, and, when jobs differ only by seed,
+    seeds.json and a table of medians with their min-max range."""
+    jobs = sweep_jobs(sweep_dir)
+    rows = [summary_row(job.run) if job.run else {"job": job.name, "status": f"failed: {job.error}"} for job in jobs]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=SUMMARY_COLUMNS, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     write_text(Path(sweep_dir) / "summary.csv", buffer.getvalue())
     table = markdown_table(rows)
+    groups = seed_groups([job.run for job in jobs if job.run])
+    if any(len(g["seeds"]) > 1 for g in groups):
+        write_json(Path(sweep_dir) / "seeds.json", groups)
+        table = f"Medians over seeds (min–max):\n\n{seed_table(groups)}\nEvery job:\n\n{table}"
     write_text(Path(sweep_dir) / "summary.md", f"# Sweep summary: {sweep_dir}\n\n{table}")
     return rows, table

@@ -1,10 +1,12 @@
-"""The Lightning Trainer the stages run on: its logger and checkpoints, where tests run under DDP,
-and resuming an interrupted run from its last checkpoint."""
+"""The Lightning Trainer the stages run on: its logger and checkpoints, fitting and testing with
+results returned (not left on the module), and resuming an interrupted run from its last checkpoint."""
 
 from __future__ import annotations
 
 import io
 import shlex
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -12,10 +14,12 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
+from loralab.config import RunConfig
 from loralab.errors import ArtifactError
 from loralab.files import atomic_write_bytes
+from loralab.results import NUM_CLASSES, TestResult
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -36,8 +40,8 @@ def checkpoint_file(run_dir: Path) -> Path:
     return run_dir / "checkpoints" / "last.ckpt"
 
 
-def make_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, checkpoint: bool, testing: bool = False) -> L.Trainer:
-    kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+def make_trainer(cfg: RunConfig, run_dir: Path, callbacks: list, checkpoint: bool, testing: bool = False) -> L.Trainer:
+    kwargs = dict(cfg.trainer)
     if testing:
         # Tests run here, in one process: seconds of work, not worth spawning ranks for.
         kwargs |= {"devices": 1, "strategy": "auto"}
@@ -62,10 +66,36 @@ def make_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, checkpoint: bo
     )
 
 
-def tester(trainer: L.Trainer, cfg: DictConfig, run_dir: Path) -> L.Trainer:
+def tester(trainer: L.Trainer, cfg: RunConfig, run_dir: Path) -> L.Trainer:
     """The trainer that tests: the training one, unless that one spawns ranks (ddp_spawn), whose
     results would stay in the spawned processes."""
     return trainer if trainer.world_size == 1 else make_trainer(cfg, run_dir, [], checkpoint=False, testing=True)
+
+
+@dataclass(frozen=True)
+class Fit:
+    seconds: float
+    step_seconds: float  # median wall time of one training step
+    optimizer_state_bytes: int
+
+
+def fit(trainer: L.Trainer, module: L.LightningModule, datamodule: L.LightningDataModule, ckpt: Path | None) -> Fit:
+    start = time.perf_counter()
+    # weights_only: a checkpoint is data; unpickling arbitrary objects from it could run code.
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
+    seconds = time.perf_counter() - start
+    # The module measures its optimizer state when training ends; callback_metrics is what
+    # Lightning carries back from ddp_spawn's ranks, and the next test would reset it.
+    measured = trainer.callback_metrics
+    return Fit(seconds, float(measured["step_seconds"]), int(measured["optimizer_state_bytes"]))
+
+
+def run_test(trainer: L.Trainer, module: L.LightningModule, datamodule, split: str = "test") -> TestResult:
+    """Test on the full test set, logged under ``split`` (test, test_base, test_<adapter>)."""
+    module.test_split = split
+    logged = trainer.test(module, datamodule=datamodule, verbose=False)[0]
+    wrong = tuple(int(logged[f"{split}/wrong_d{d}"]) for d in range(NUM_CLASSES))
+    return TestResult(acc=logged[f"{split}/acc"], wrong=wrong, count=datamodule.test_counts)
 
 
 # What may differ between a run and its resumption: where things are, not what is trained.
@@ -86,16 +116,18 @@ def resume_command(run_dir: Path) -> str:
     return shlex.join(["python", "train.py", *overrides, f"resume={run_dir}"])
 
 
-def resume_checkpoint(cfg: DictConfig) -> Path:
+def resume_checkpoint(cfg: RunConfig) -> Path | None:
     """The last checkpoint of an interrupted run, checked before training: the run's config must
     be this one, and the checkpoint must load without unpickling objects."""
+    if cfg.resume is None:
+        return None
     run_dir = Path(cfg.resume)
     ckpt = checkpoint_file(run_dir)
     if not ckpt.exists():
         raise ArtifactError(f"resume={run_dir} has no checkpoints/last.ckpt; pass the run dir of an interrupted run")
     saved = run_dir / ".hydra" / "config.yaml"
     if saved.exists():
-        before, now = flat(OmegaConf.to_container(OmegaConf.load(saved))), flat(OmegaConf.to_container(cfg))
+        before, now = flat(OmegaConf.to_container(OmegaConf.load(saved))), flat(OmegaConf.to_container(cfg.source))
         changed = sorted(k for k in before.keys() | now.keys() if k not in RESUME_FREE and before.get(k) != now.get(k))
         if changed:
             first = changed[0]

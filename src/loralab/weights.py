@@ -1,5 +1,5 @@
 """Base-model weights: saved as safetensors with the model's sizes and a content fingerprint in
-the metadata, found again by path or as the most recent pretrain run."""
+the metadata, and loaded back into an MLP of the configured sizes."""
 
 from __future__ import annotations
 
@@ -18,9 +18,6 @@ from loralab.lora import is_lora_name
 from loralab.model import MLP
 
 log = logging.getLogger(__name__)
-
-BASE_FILE = "base.safetensors"
-FULL_FILE = "model.safetensors"  # a fully fine-tuned model: the same format as a base
 
 
 def base_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -82,31 +79,3 @@ def load_base(path: str | Path, sizes: list[int]) -> tuple[MLP, dict]:
         first = str(err).strip().splitlines()[-1].strip()
         raise ArtifactError(f"{path} does not fit a {'-'.join(map(str, sizes))} MLP ({first})") from None
     return model, meta
-
-
-def resolve_base(base: str | None, output_root: str | Path, sizes: list[int]) -> Path:
-    """The base weights file: ``base`` as a file or run dir, else the newest matching pretrain run."""
-    if base is not None:
-        path = Path(base)
-        if path.is_dir():
-            path = path / BASE_FILE
-            if not path.exists():
-                raise ArtifactError(f"base={base} is a directory with no {BASE_FILE}; pass a pretrain run dir or a .safetensors file")
-        elif not path.exists():
-            raise ArtifactError(f"base={base} does not exist; pass a pretrain run dir or a .safetensors file")
-        return path
-    runs = []
-    for metrics_file in Path(output_root).glob("**/metrics.json"):
-        try:
-            metrics = json.loads(metrics_file.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        weights = metrics_file.parent / BASE_FILE
-        if metrics.get("stage") == "pretrain" and metrics.get("model", {}).get("sizes") == list(sizes) and weights.exists():
-            runs.append((metrics_file.stat().st_mtime, weights))
-    if not runs:
-        raise ArtifactError(
-            f"no pretrained {'-'.join(map(str, sizes))} base under {output_root}/; "
-            "run `python train.py stage=pretrain` first, or pass base=<run dir>"
-        )
-    return max(runs)[1]

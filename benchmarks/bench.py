@@ -1,9 +1,9 @@
 """Benchmarks: every figure is a ratio measured in one process, variants interleaved (A B A B ...),
 median of the timed repetitions after warm-up.
 
-    python -m loralab.bench                 # prints a table, writes bench.json
-    python -m loralab.bench --reps 3 --quick  # the smoke test's size
-    python -m loralab.bench --only-protocol --out protocol.json   # the seeds' whole protocol
+    python benchmarks/bench.py                 # prints a table, writes bench.json
+    python benchmarks/bench.py --reps 3 --quick  # the smoke test's size
+    python benchmarks/bench.py --only-protocol --out protocol.json   # the seeds' whole protocol
 """
 
 from __future__ import annotations
@@ -30,33 +30,23 @@ from loralab.adapter import AdapterSet, save_adapter
 from loralab.classifier import Classifier, adam
 from loralab.data import DigitBatchSampler, load_tensors
 from loralab.files import write_json
-from loralab.lora import inject_lora, lora_layers, mark_only_lora_trainable, remove_lora
+from loralab.inject import inject_lora, lora_layers, mark_only_lora_trainable, remove_lora
+from loralab.lora import LoRASpec
 from loralab.malloc import keep_freed_memory
 from loralab.mnist import ensure_mnist
 from loralab.model import MLP
 from loralab.weights import load_base, save_base
+from seeds_reference import DenseLoRA  # beside this file: a script's directory is on sys.path
 
 SIZES = [784, 1000, 2000, 10]
 TARGETS = ["linear1", "linear2", "linear3"]
-
-
-class DenseLoRA(nn.Module):
-    """The seeds' way: a parametrization that builds W + scale * B @ A on every forward."""
-
-    def __init__(self, out_features: int, in_features: int, rank: int):
-        super().__init__()
-        self.lora_A = nn.Parameter(torch.randn(rank, in_features))
-        self.lora_B = nn.Parameter(torch.zeros(out_features, rank))
-
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight + self.lora_B @ self.lora_A
 
 
 def build(method: str, rank: int) -> nn.Module:
     torch.manual_seed(0)
     model = MLP(SIZES)
     if method == "loralab":
-        inject_lora(model, TARGETS, rank=rank, alpha=rank)
+        inject_lora(model, LoRASpec(rank=rank, alpha=rank, targets=TARGETS))
         mark_only_lora_trainable(model)
     elif method == "parametrize":
         for name in TARGETS:
@@ -218,7 +208,8 @@ def memory() -> dict:
 def seeds_protocol(data_dir: str) -> dict:
     """The seeds' whole protocol (pretrain 1 epoch at batch 10, fine-tune 100 steps), end to end as
     commands: loralab's CLI against the seed-style plain loop. Minutes long, so run once each."""
-    root = Path(__file__).resolve().parents[2]
+    here = Path(__file__).resolve().parent
+    root = here.parent
     env = {**os.environ, "LORALAB_DATA_DIR": str(Path(data_dir).resolve())}
     with tempfile.TemporaryDirectory() as out:
         loralab_cmds = [
@@ -226,7 +217,7 @@ def seeds_protocol(data_dir: str) -> dict:
              "optim.scheduler=none", "trainer.enable_progress_bar=false", f"output_root={out}"],
             [sys.executable, str(root / "train.py"), "stage=finetune", "trainer.enable_progress_bar=false", f"output_root={out}"],
         ]
-        reference_cmds = [[sys.executable, "-m", "loralab.seeds_reference", str(data_dir)]]
+        reference_cmds = [[sys.executable, str(here / "seeds_reference.py"), str(data_dir)]]
         seconds = {}
         for name, cmds in (("loralab", loralab_cmds), ("reference", reference_cmds)):
             start = time.perf_counter()

@@ -1,19 +1,31 @@
 """The seeds' protocol written the way the seed notebooks run it, as the benchmark's reference:
 torchvision's per-sample transforms, a plain PyTorch loop, Adam without denormal flushing, and a
-parametrize-based rank-1 LoRA fine-tune on digit 9. Used only by ``loralab.bench --protocol``.
+parametrize-based rank-1 LoRA fine-tune on digit 9. Used only by ``benchmarks/bench.py --protocol``.
 
-    python -m loralab.seeds_reference DATA_DIR
+    python benchmarks/seeds_reference.py DATA_DIR
 """
 
 import sys
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.nn.utils import parametrize
 from torchvision import datasets, transforms
 
-from loralab.bench import DenseLoRA
 from loralab.model import MLP
+
+
+class DenseLoRA(nn.Module):
+    """The seeds' way: a parametrization that builds W + scale * B @ A on every forward."""
+
+    def __init__(self, out_features: int, in_features: int, rank: int):
+        super().__init__()
+        self.lora_A = nn.Parameter(torch.randn(rank, in_features))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight + self.lora_B @ self.lora_A
 
 
 def run(data_dir: str) -> None:

@@ -1,0 +1,109 @@
+"""The two ways the fine-tune stage trains a base: LoRA adapters on a frozen base, or every
+parameter (the baseline LoRA is measured against). Each sets itself up, tests the base it
+started from, and saves what it trained."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from pathlib import Path
+
+from torch import nn
+
+from loralab.adapter import save_adapter
+from loralab.callbacks import LoRAFinetuning
+from loralab.config import RunConfig
+from loralab.inject import lora_disabled
+from loralab.lora import LoRASpec
+from loralab.results import TestResult
+from loralab.runs import FULL_FILE
+from loralab.weights import fingerprint, save_base
+
+Test = Callable[[str], TestResult]  # runs the test set, logged under the given split
+
+
+class BaseChangedError(RuntimeError):
+    """The frozen base weights changed during LoRA training: a bug, never a silent pass."""
+
+
+class LoRAMethod:
+    name = "lora"
+
+    def __init__(self, spec: LoRASpec, model: nn.Module):
+        self.spec = spec
+        self.callback = LoRAFinetuning(spec)
+        self.base_sha256 = fingerprint(model)
+        self.frozen_base = None  # distillation's base is the model with its adapters off
+
+    def callbacks(self) -> list:
+        return [self.callback]
+
+    def prepare(self, module) -> None:
+        # Injected here as well as in every rank's setup (idempotent): ddp_spawn hands rank 0's
+        # weights back to this process, and only a model with the same adapters takes them.
+        self.callback.freeze_before_training(module)
+
+    def test_before_fit(self, test: Test) -> TestResult | None:
+        return None  # the adapters switch off after training: the base is tested then
+
+    def base_unchanged(self, model: nn.Module) -> bool:
+        """Checked on the weights the run keeps (under ddp_spawn, the ones rank 0 sent back)."""
+        after = fingerprint(model)
+        if after != self.base_sha256:
+            raise BaseChangedError(f"base weights changed during LoRA training: sha256 {self.base_sha256} -> {after}")
+        return True
+
+    def test_base(self, test: Test, model: nn.Module) -> TestResult:
+        with lora_disabled(model):
+            return test("test_base")
+
+    def save(self, model: nn.Module, run_dir: Path, cfg: RunConfig) -> dict[str, Path]:
+        return save_adapter(model, run_dir, list(cfg.sizes))
+
+    def summary(self) -> dict:
+        return self.spec.to_dict()
+
+    def describe(self) -> str:
+        variant = "".join(f", {flag}" for flag in ("dora", "rslora") if getattr(self.spec, flag))
+        init = ", PiSSA init" if self.spec.init == "pissa" else ""
+        return f"LoRA rank {self.spec.rank}, alpha {self.spec.alpha:g}{variant}{init}"
+
+
+class FullMethod:
+    name = "full"
+
+    def __init__(self, model: nn.Module, distill: float):
+        self.base_sha256 = fingerprint(model)
+        # Training the base itself: distillation needs a frozen copy of where it started.
+        self.frozen_base = copy.deepcopy(model).requires_grad_(False) if distill else None
+        self.before: TestResult | None = None
+
+    def callbacks(self) -> list:
+        return []
+
+    def prepare(self, module) -> None:
+        pass
+
+    def test_before_fit(self, test: Test) -> TestResult:
+        self.before = test("test_base")  # no adapter to switch off afterwards
+        return self.before
+
+    def base_unchanged(self, model: nn.Module) -> None:
+        return None  # the base is what a full fine-tune trains
+
+    def test_base(self, test: Test, model: nn.Module) -> TestResult:
+        return self.before
+
+    def save(self, model: nn.Module, run_dir: Path, cfg: RunConfig) -> dict[str, Path]:
+        save_base(model, run_dir / FULL_FILE, cfg.model_name)
+        return {"model": run_dir / FULL_FILE}
+
+    def summary(self) -> None:
+        return None
+
+    def describe(self) -> str:
+        return "full fine-tune"
+
+
+def make_method(cfg: RunConfig, model: nn.Module) -> LoRAMethod | FullMethod:
+    return LoRAMethod(cfg.lora, model) if cfg.method == "lora" else FullMethod(model, cfg.distill)
