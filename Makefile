@@ -25,6 +25,7 @@ run: data
 	$(BIN)/python scripts/report.py $$(ls -d outputs/finetune-sweep/*/ | tail -n 1)
 
 test: data
+	$(BIN)/ruff check src tests benchmarks scripts train.py
 	LORALAB_DATA_DIR=$(abspath $(DATA)) $(BIN)/python -m pytest
 
 bench: data

@@ -68,7 +68,7 @@ class LoRASpec:
         """metrics.json's ``lora`` field and the run's HParams."""
         values = asdict(self)
         values["targets"] = self.targets if isinstance(self.targets, str) else list(self.targets)
-        return {"rank": self.rank, "alpha": self.alpha, "scale": self.scale} | values
+        return {"rank": self.rank, "alpha": self.alpha, "scale": self.scale} | values | {"saved_rank": self.saved_rank}
 
     @property
     def saved_rank(self) -> int:

@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 
 from loralab.files import write_text  # noqa: E402
-from loralab.report import markdown_table, summary_row  # noqa: E402
+from loralab.report import markdown_table, seed_groups, seed_table, summary_row  # noqa: E402
 from loralab.runs import Run, finished_runs  # noqa: E402
 
 
@@ -51,18 +51,44 @@ def tradeoff_figure(runs: list[Run]):
     return fig
 
 
+def seeds_figure(groups: list[dict]):
+    """Target gain against forgetting per setting: the median, with the seeds' min-max as bars."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for g in groups:
+        before_t, before_o = g["target_wrong_before"], g["other_wrong_before"]
+        t, o = g["target_wrong"], g["other_wrong"]
+        x, y = o["median"] - before_o, before_t - t["median"]
+        xerr = [[x - (o["min"] - before_o)], [(o["max"] - before_o) - x]]
+        yerr = [[y - (before_t - t["max"])], [(before_t - t["min"]) - y]]
+        ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="o", capsize=3, label=f"{g['setting']} ({len(g['seeds'])} seeds)")
+    ax.set_xscale("symlog", linthresh=100)
+    ax.set_xlabel("forgetting: more wrong on the other digits (median, min-max)")
+    ax.set_ylabel("target gain: fewer wrong (median, min-max)")
+    ax.set_title("What each setting buys and costs, over seeds")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
 def write_report(path: Path) -> Path:
     runs = finished_runs(path)
     out = path / "report"
     out.mkdir(exist_ok=True)
+    groups = seed_groups(runs)
+    seeded = any(len(g["seeds"]) > 1 for g in groups)
+    if seeded:  # one panel per setting (its first seed), not one per job
+        firsts = {r.setting: r for r in reversed(runs)}
+        runs = [r for r in runs if firsts[r.setting] is r]
     figures = {"per_digit": per_digit_figure(runs)}
-    if any(r.test_base for r in runs):
+    if seeded:
+        figures["seeds"] = seeds_figure(groups)
+    elif any(r.test_base for r in runs):
         figures["tradeoff"] = tradeoff_figure(runs)
     writer = SummaryWriter(str(out))
     for name, fig in figures.items():
         fig.savefig(out / f"{name}.png", dpi=110)
         writer.add_figure(f"report/{name}", fig)  # closes the figure
     writer.close()
-    rows = [summary_row(run) for run in runs]
+    table = seed_table(groups) if seeded else markdown_table([summary_row(run) for run in runs])
     images = "\n".join(f"![{name}]({name}.png)" for name in figures)
-    return write_text(out / "report.md", f"# loralab report: {path}\n\n{markdown_table(rows)}\n{images}\n")
+    return write_text(out / "report.md", f"# loralab report: {path}\n\n{table}\n{images}\n")

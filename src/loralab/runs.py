@@ -58,6 +58,8 @@ class Run:
         lora = self.metrics.get("lora")
         if lora:
             flags = [f for f in ("dora", "rslora") if lora.get(f)] + ([lora["init"]] if lora.get("init") == "pissa" else [])
+            if self.metrics.get("config", {}).get("optim", {}).get("loraplus_ratio"):
+                flags.append("lora+")
             return " ".join([f"r={lora['rank']}", *flags])
         return self.metrics.get("method", self.metrics.get("stage", "?"))
 

@@ -115,7 +115,8 @@ def finetune(cfg: RunConfig, run_dir: Path) -> dict:
     log.info("fine-tuning base %s on digits %s", base_path, digits)
     datamodule = make_datamodule(cfg, digits)
     method = make_method(cfg, model)
-    module = Classifier(model, lr=cfg.lr, target_digits=digits, distill=cfg.distill, frozen_base=method.frozen_base, loraplus_ratio=cfg.loraplus_ratio)
+    module = Classifier(model, lr=cfg.lr, target_digits=digits, scheduler=cfg.scheduler, distill=cfg.distill,
+                        frozen_base=method.frozen_base, loraplus_ratio=cfg.loraplus_ratio)
     ckpt = resume_checkpoint(cfg)
     trainer = make_trainer(cfg, run_dir, [ResumeHint(run_dir), *method.callbacks()], checkpoint=True)
     test = partial(run_test, tester(trainer, cfg, run_dir), module, datamodule)
