@@ -20,7 +20,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 from loralab.errors import ArtifactError
 from loralab.inject import lora_disabled, lora_layers
 from loralab.lora import is_lora_name
-from loralab.results import NUM_CLASSES
+from loralab.results import NUM_CLASSES, TestResult
 from loralab.weights import fingerprint
 
 matplotlib.use("Agg")  # figures go to TensorBoard, never to a screen
@@ -192,17 +192,16 @@ class Classifier(L.LightningModule):
         """Scalars to log for one split: accuracy, and errors per digit and per target/other group."""
         confmat = values["confmat"]
         count = confmat.sum(dim=1)
-        wrong = count - confmat.diagonal()
-        target = torch.zeros(NUM_CLASSES, dtype=torch.bool, device=confmat.device)
-        target[self.target_digits] = True
-        out = {f"{split}/acc": values["acc"].item()}
+        result = TestResult(values["acc"].item(), tuple((count - confmat.diagonal()).tolist()), tuple(count.tolist()))
+        out = {f"{split}/acc": result.acc}
         for d in range(NUM_CLASSES):
             out[f"{split}/err_d{d}"] = 1.0 - values["digit_acc"][d].item()
-            out[f"{split}/wrong_d{d}"] = float(wrong[d])
-        for group, mask in (("target", target), ("other", ~target)):
-            if mask.any():
-                out[f"{split}/wrong_{group}"] = float(wrong[mask].sum())
-                out[f"{split}/err_{group}"] = float(wrong[mask].sum() / count[mask].sum().clamp(min=1))
+            out[f"{split}/wrong_d{d}"] = float(result.wrong[d])
+        other = [d for d in range(NUM_CLASSES) if d not in self.target_digits]
+        for group, digits in (("target", self.target_digits), ("other", other)):
+            if digits:
+                out[f"{split}/wrong_{group}"] = float(result.wrong_on(digits))
+                out[f"{split}/err_{group}"] = result.wrong_on(digits) / max(1, sum(result.count[d] for d in digits))
         return out
 
     def log_confusion_figure(self, confmat: torch.Tensor, tag: str) -> None:

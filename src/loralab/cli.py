@@ -7,7 +7,6 @@ import os
 import shutil
 import signal
 import sys
-import warnings
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
@@ -16,14 +15,12 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from loralab.config import check_config
+from loralab.console import quiet_warnings, use_hydra_handlers
 from loralab.errors import ArtifactError, LoralabError
 from loralab.files import write_text
 from loralab.runs import ERROR_FILE, METRICS_FILE
 
 log = logging.getLogger(__name__)
-
-# Batches are slices of in-memory tensors: worker processes would only add start-up cost.
-warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
 
 
 def discard_if_empty(run_dir: Path, output_root: Path) -> None:
@@ -54,6 +51,8 @@ def run_job(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    if not cfg.get("verbose"):
+        quiet_warnings()
     try:
         settings = check_config(cfg)
         if (run_dir / METRICS_FILE).exists():
@@ -62,6 +61,7 @@ def run_job(cfg: DictConfig) -> float | None:
         # import, and a typo should cost one line, not that wait.
         from loralab.stages import run_stage
 
+        use_hydra_handlers()  # now that Lightning is imported and has added its own
         configure_process(cfg.flush_denormal)
         metrics = run_stage(settings, run_dir)
     except SystemExit as exit_:

@@ -101,9 +101,14 @@ class MNISTDataModule(L.LightningDataModule):
         self.digits = sorted(digits) if digits is not None else list(range(10))
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.val_size, self.replay, self.seed = val_size, replay, seed
+        self.source: str | None = None
 
     def prepare_data(self) -> None:
-        log.info("MNIST source: %s", ensure_mnist(self.data_dir))
+        # Lightning calls this before every fit and test (four times in a fine-tune): say it once.
+        source = ensure_mnist(self.data_dir)
+        if source != self.source:
+            log.info("MNIST source: %s", source)
+        self.source = source
 
     def setup(self, stage: str | None = None) -> None:
         if hasattr(self, "test_set"):

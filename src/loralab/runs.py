@@ -86,10 +86,16 @@ class Job:
     error: str | None
 
 
+def job_order(path: Path) -> tuple[int, str]:
+    """Hydra's job number first (``10_...`` after ``9_...``), then the name."""
+    number, _, _ = path.name.partition("_")
+    return (int(number) if number.isdigit() else -1, path.name)
+
+
 def sweep_jobs(sweep_dir: str | Path) -> list[Job]:
     """Each job directory (one holding Hydra's .hydra/), finished or failed, in job order."""
     jobs = []
-    for job_dir in sorted((p.parent for p in Path(sweep_dir).glob("*/.hydra")), key=lambda p: p.name):
+    for job_dir in sorted((p.parent for p in Path(sweep_dir).glob("*/.hydra")), key=job_order):
         if (job_dir / METRICS_FILE).exists():
             jobs.append(Job(job_dir.name, read_run(job_dir), None))
         else:

@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from loralab.config import RunConfig
 from loralab.errors import ArtifactError
 from loralab.files import atomic_write_bytes
+from loralab.progress import StepProgressBar
 from loralab.results import NUM_CLASSES, TestResult
 
 
@@ -55,6 +56,8 @@ def make_trainer(cfg: RunConfig, run_dir: Path, callbacks: list, checkpoint: boo
         path = checkpoint_file(run_dir)
         checkpoint_cb = ModelCheckpoint(dirpath=path.parent, filename=path.stem, save_top_k=1, enable_version_counter=False)
         callbacks = [*callbacks, checkpoint_cb]
+    if kwargs.get("enable_progress_bar", True):
+        callbacks = [*callbacks, StepProgressBar()]
     return L.Trainer(
         **kwargs,
         use_distributed_sampler=False,  # the DataModule gives each rank its share itself
@@ -99,7 +102,7 @@ def run_test(trainer: L.Trainer, module: L.LightningModule, datamodule, split: s
 
 
 # What may differ between a run and its resumption: where things are, not what is trained.
-RESUME_FREE = {"resume", "output_root", "data_dir", "debug", "trainer.enable_progress_bar"}
+RESUME_FREE = {"resume", "output_root", "data_dir", "debug", "verbose", "trainer.enable_progress_bar"}
 
 
 def flat(container, prefix: str = "") -> dict:
