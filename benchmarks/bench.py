@@ -42,12 +42,20 @@ SIZES = [784, 1000, 2000, 10]
 TARGETS = ["linear1", "linear2", "linear3"]
 
 
+VARIANTS = {"loralab": {}, "dora": {"dora": True}, "pissa": {"init": "pissa"}}
+
+
 def build(method: str, rank: int) -> nn.Module:
     torch.manual_seed(0)
     model = MLP(SIZES)
-    if method == "loralab":
-        inject_lora(model, LoRASpec(rank=rank, alpha=rank, targets=TARGETS))
+    if method in VARIANTS:
+        inject_lora(model, LoRASpec(rank=rank, alpha=rank, targets=TARGETS, **VARIANTS[method]))
         mark_only_lora_trainable(model)
+    elif method == "floor":
+        # The frozen base's own work in a LoRA step: the forward pass and the input gradients
+        # through linear3 and linear2 down to linear1's output; the optimizer has one bias.
+        model.requires_grad_(False)
+        model.linear1.bias.requires_grad_(True)
     elif method == "parametrize":
         for name in TARGETS:
             layer = model.get_submodule(name)
@@ -102,6 +110,45 @@ def train_steps(batch_size: int, rank: int, reps: int) -> dict:
         f"{m}_vs_full": t / medians["full"] for m, t in medians.items() if m != "full"
     } | {"loralab_vs_full_default": medians["loralab"] / medians["full_default"]} | (
         {"loralab_vs_peft": medians["loralab"] / medians["peft"]} if "peft" in medians else {})
+
+
+def step_fn(model: nn.Module, opt, x: torch.Tensor, y: torch.Tensor):
+    def step():
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    return step
+
+
+def floor_steps(batch_size: int, rank: int, reps: int) -> dict:
+    """A LoRA step against the floor no LoRA step can go below (the frozen base's own work), and
+    against PEFT, every method with the stages' foreach Adam; the variants beside plain LoRA."""
+
+    x, y = torch.randn(batch_size, 784), torch.randint(0, 10, (batch_size,))
+    steps = {}
+    for method in ("floor", "loralab", "peft", "dora", "pissa"):
+        model = build(method, rank)
+        steps[method] = step_fn(model, adam([p for p in model.parameters() if p.requires_grad], 1e-3), x, y)
+    medians = interleaved(steps, reps)
+    return {f"{m}_ms": 1000 * t for m, t in medians.items()} | {
+        "loralab_vs_floor": medians["loralab"] / medians["floor"], "peft_vs_floor": medians["peft"] / medians["floor"],
+        "loralab_vs_peft": medians["loralab"] / medians["peft"], "dora_vs_loralab": medians["dora"] / medians["loralab"],
+        "pissa_vs_loralab": medians["pissa"] / medians["loralab"]}
+
+
+def optimizers(batch_size: int, reps: int) -> dict:
+    """foreach against fused Adam, on a full (pretrain-like) step and a rank-4 LoRA step."""
+    x, y = torch.randn(batch_size, 784), torch.randint(0, 10, (batch_size,))
+    steps = {}
+    for method in ("full", "loralab"):
+        for kind in ("foreach", "fused"):
+            model = build(method, 4)
+            params = [p for p in model.parameters() if p.requires_grad]
+            steps[f"{method}_{kind}"] = step_fn(model, torch.optim.Adam(params, lr=1e-3, **{kind: True}), x, y)
+    medians = interleaved(steps, reps)
+    return {f"{m}_ms": 1000 * t for m, t in medians.items()} | {
+        f"{m}_fused_vs_foreach": medians[f"{m}_fused"] / medians[f"{m}_foreach"] for m in ("full", "loralab")}
 
 
 def lightning_epoch(data_dir: str, batches: int | None, reps: int) -> dict:
@@ -236,12 +283,19 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", type=Path, default=Path("bench.json"))
     parser.add_argument("--protocol", action="store_true", help="also time the seeds' whole protocol (minutes)")
     parser.add_argument("--only-protocol", action="store_true", help="time only the seeds' whole protocol")
+    parser.add_argument("--only-floor", action="store_true", help="time only the LoRA step against its floor, and Adam")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     torch.set_flush_denormal(True)
     results = {"machine": {"platform": platform.platform(), "processor": platform.processor(), "threads": 2,
                            "torch": torch.__version__}, "reps": args.reps}
-    if not args.only_protocol:
+    if args.only_floor:
+        keep_freed_memory()
+        for bs in (10, 64, 256):
+            for rank in (1, 4, 10):  # 16 exceeds linear3's 10 outputs, which loralab refuses
+                results[f"floor_bs{bs}_r{rank}"] = floor_steps(bs, rank, args.reps)
+            results[f"adam_bs{bs}"] = optimizers(bs, args.reps)
+    elif not args.only_protocol:
         # Training steps twice: first with glibc's default allocator, as in a plain PyTorch process,
         # where out-of-place temporaries cost page faults; then, like everything after, the way
         # the stages run (keep_freed_memory).
