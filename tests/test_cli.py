@@ -1,17 +1,12 @@
 """The CLI as users run it: one line per bad input, non-zero exit, nothing left behind or touched."""
 
 import csv
-import hashlib
 import json
 
 import pytest
 from safetensors.torch import load_file
 
-from conftest import SLICE, assert_one_line_error, train_py
-
-
-def tree_digest(root) -> dict:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+from conftest import SLICE, assert_one_line_error, train_py, tree_digest
 
 
 @pytest.mark.parametrize(
