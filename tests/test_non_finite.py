@@ -75,10 +75,11 @@ def test_merge_refuses_non_finite_weights(finetuned, pretrained, tmp_path):
         assert done.returncode == 2 and not out.exists() and tree_digest(tmp_path) == before
 
 
-def test_diverging_finetune_stops_at_the_step(pretrained, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["accelerator=ddp"]], ids=["one process", "ddp_spawn"])
+def test_diverging_finetune_stops_at_the_step(pretrained, tmp_path, extra):
     # Adam's first step moves every adapter weight by lr: at 1e30 the next forward overflows.
     run_dir = tmp_path / "run"
-    done = train_py("stage=finetune", f"base={pretrained[1]}", *SLICE, "trainer.max_steps=5", "optim.lr=1e30", f"hydra.run.dir={run_dir}")
+    done = train_py("stage=finetune", f"base={pretrained[1]}", *SLICE, *extra, "trainer.max_steps=5", "optim.lr=1e30", f"hydra.run.dir={run_dir}")
     assert_one_line_error(done, "training diverged: the loss is nan at step 2", "optim.lr=1e+29")
     assert done.returncode == 2
     assert not (run_dir / "metrics.json").exists() and not (run_dir / WEIGHTS_FILE).exists()
