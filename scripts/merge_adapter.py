@@ -4,7 +4,8 @@
 
 BASE is a pretrain run dir or base.safetensors. The output is an ordinary MLP (same format as a
 base, so `base=OUT.safetensors` fine-tunes it further): W' = W + (alpha/r)·B·A, no adapter left,
-so inference costs exactly what the base costs. Its logits are checked against base + adapter.
+so inference costs exactly what the base costs. Its logits are checked against base + adapter,
+and, as PEFT's ``safe_merge``, a merge that gives NaN or inf weights is refused with nothing written.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from pathlib import Path
 import torch
 
 from loralab import load_adapter, remove_lora
-from loralab.errors import LoralabError
+from loralab.errors import ArtifactError, LoralabError
 from loralab.runs import BASE_FILE
-from loralab.weights import load_base, save_base
+from loralab.weights import load_base, non_finite, save_base
 
 TOLERANCE = 1e-5
 
@@ -33,6 +34,10 @@ def merge(base: Path, adapter: Path, out: Path, sizes: list[int], name: str) -> 
     with torch.no_grad():
         expected = model(probe)
         plain = remove_lora(model, merge=True)
+        # Finite base and adapter can still overflow float32 once multiplied and added.
+        found = non_finite(plain.state_dict())
+        if found:
+            raise ArtifactError(f"merging {adapter} into {base} gives non-finite weights in {found}; nothing written: the adapter's update overflows, use another adapter")
         gap = (plain(probe) - expected).abs().max().item()
     if gap > TOLERANCE:
         raise RuntimeError(f"merged logits differ from base + adapter by {gap:.2e} (> {TOLERANCE})")

@@ -3,6 +3,7 @@ the CLI as users run it, and adapters that really change the model."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -76,6 +77,11 @@ def start_train_py(*args: str, **popen) -> subprocess.Popen:
 def script(*args) -> subprocess.CompletedProcess:
     """A script or module run as a user runs it: ``script(path, arg, ...)``."""
     return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=600, env=env_with_data())
+
+
+def tree_digest(root: Path) -> dict:
+    """Every file under ``root`` and its sha256: equal before and after iff nothing was written."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def assert_one_line_error(done: subprocess.CompletedProcess, *fragments: str) -> None:

@@ -1,17 +1,12 @@
 """The CLI as users run it: one line per bad input, non-zero exit, nothing left behind or touched."""
 
 import csv
-import hashlib
 import json
 
 import pytest
 from safetensors.torch import load_file
 
-from conftest import SLICE, assert_one_line_error, train_py
-
-
-def tree_digest(root) -> dict:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+from conftest import SLICE, assert_one_line_error, train_py, tree_digest
 
 
 @pytest.mark.parametrize(
@@ -20,6 +15,7 @@ def tree_digest(root) -> dict:
         (["stage=finetune", "lora.rank=0"], ["lora.rank=0"]),
         (["data.digits=[1,1]"], ["data.digits", "once"]),
         (["stage=finetune", "base=/nonexistent/run"], ["base=/nonexistent/run does not exist"]),
+        (["lora.rank=4"], ["lora.rank=4 is read only by stage=finetune", "stage=pretrain run would ignore it"]),  # not a minute of pretraining
     ],
 )
 def test_bad_input_exits_with_one_line_and_writes_nothing(args, fragments, tmp_path):
@@ -60,6 +56,7 @@ def test_bad_base_files(tmp_path, pretrained):
         (["lora=qlora", "stage=finetune"], ["lora=qlora", "peft, seeds"]),
         (["experiment=no_forgeting"], ["experiment=no_forgeting", "no_forgetting"]),  # a typo never runs the default
         (["lora.rnk=4"], ["lora.rnk", "not in struct"]),
+        (["eval.merge=true"], ["eval.merge is read only by stage=eval", "add stage=eval"]),  # its section comes with the stage
         (["lora.rank=[1"], ["does not parse"]),
         (["hydra/launcher=slurm", "stage=finetune", "-m"], ["needs a SLURM cluster", "submitit_local"]),
     ],

@@ -58,3 +58,33 @@ def test_gpu_without_gpu(tmp_path):
 @pytest.mark.parametrize("overrides", [[], ["stage=finetune"], ["stage=finetune", "digits=weak", "lora=peft"], ["model=small_mlp"]])
 def test_shipped_configs_are_valid(overrides, tmp_path):
     check_config(make_cfg(overrides, tmp_path))
+
+
+IGNORED = [
+    (["lora.rank=4"], "lora.rank=4 is read only by stage=finetune, so this stage=pretrain run would ignore it; add stage=finetune"),
+    (["variant=dora"], "variant=dora is read only by stage=finetune"),
+    (["lora=peft", "data.replay=0.2"], "add stage=finetune, or drop lora=peft (1 more such override)"),
+    (["optim.loraplus_ratio=16"], "optim.loraplus_ratio=16 is read only by stage=finetune"),
+    (["base=outputs/pretrain/x"], "read only by stage=finetune and stage=eval, so this stage=pretrain run"),
+    (["stage=eval", "resume=outputs/x"], "resume=outputs/x is read only by stage=pretrain and stage=finetune, so this stage=eval run would ignore it; run one of those stages"),
+    (["stage=eval", "optim.lr=0.1"], "optim.lr=0.1 is read only by stage=pretrain and stage=finetune"),
+    (["experiment=seeds_pretrain", "lora.alpha=4"], "lora.alpha=4 is read only by stage=finetune, so this stage=pretrain run"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", IGNORED, ids=[" ".join(o) for o, _ in IGNORED])
+def test_override_the_stage_ignores_is_refused(overrides, message, tmp_path):
+    with pytest.raises(ConfigError) as err:
+        check_config(make_cfg(overrides, tmp_path), overrides)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("overrides", [["stage=finetune", "lora.rank=4", "variant=dora", "base=x"], ["experiment=seeds", "lora.rank=4"],
+                                       ["stage=eval", "base=x", "eval.merge=true"], ["stage=pretrain", "optim.lr=0.01", "resume=x"]])
+def test_override_the_stage_reads_is_accepted(overrides, tmp_path):
+    check_config(make_cfg(overrides, tmp_path), overrides)
+
+
+def test_experiment_values_are_not_overrides(tmp_path):
+    """experiment=no_forgetting sets lora.*, data.replay and optim.lr for its own stage."""
+    assert check_config(make_cfg(["experiment=no_forgetting"], tmp_path), ["experiment=no_forgetting"]).lora.rank == 8

@@ -17,7 +17,7 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from loralab.errors import ArtifactError
+from loralab.errors import ArtifactError, DivergedError
 from loralab.inject import lora_disabled, lora_layers
 from loralab.lora import is_lora_name
 from loralab.results import NUM_CLASSES, TestResult
@@ -102,9 +102,22 @@ class Classifier(L.LightningModule):
             if logging_step:
                 self.log("train/distill", distill)
             loss = loss + self.distill * distill
+        self.check_finite(loss)
         if logging_step:
             self.log("train/loss", loss, prog_bar=True)
         return loss
+
+    def check_finite(self, loss: torch.Tensor) -> None:
+        """Stop at the first NaN or inf loss, before its backward and optimizer step: every later
+        step would be NaN too, and the run would still save an adapter and report ~10 % accuracy.
+        Lightning re-raises it (after its on_exception hooks); the CLI prints it as one line.
+        (Lightning 2 has no terminate_on_nan; detect_anomaly is autograd's debugging mode, which
+        checks every backward op and ends in a traceback.)"""
+        if not torch.isfinite(loss):
+            raise DivergedError(
+                f"training diverged: the loss is {loss.item()} at step {self.global_step + 1} (epoch {self.current_epoch}); "
+                f"lower the learning rate, e.g. optim.lr={self.lr / 10:g} (now {self.lr:g})"
+            )
 
     def logging_step(self) -> bool:
         """Whether the logger writes this step: each self.log costs ~1 ms of Lightning's

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import signal
 import sys
@@ -14,7 +15,7 @@ from hydra.errors import HydraException, MissingConfigException, OverrideParseEx
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from loralab.config import check_config
+from loralab.config import check_config, ignored_by_stage
 from loralab.console import quiet_warnings, use_hydra_handlers
 from loralab.errors import ArtifactError, LoralabError
 from loralab.files import write_text
@@ -54,7 +55,7 @@ def run_job(cfg: DictConfig) -> float | None:
     if not cfg.get("verbose"):
         quiet_warnings()
     try:
-        settings = check_config(cfg)
+        settings = check_config(cfg, hydra_cfg.overrides.task)
         if (run_dir / METRICS_FILE).exists():
             raise ArtifactError(f"{run_dir} already holds a finished run ({METRICS_FILE}); choose another hydra.run.dir")
         # Imported once the config is known good: Lightning and torchmetrics take seconds to
@@ -86,8 +87,20 @@ def run_job(cfg: DictConfig) -> float | None:
     return metrics.get("objective", metrics["test"]["acc"])
 
 
+def stage_section_missing(err: HydraException) -> str | None:
+    """`eval.merge=true` without stage=eval does not compose: the eval section comes with its
+    stage. Say which stage the key needs, rather than Hydra's hint to append it with +."""
+    overridden = re.match(r"Could not override '([^']+)'", str(err))
+    missing = re.match(r"Key '([^']+)' is not in struct", str(err.__cause__ or ""))
+    if overridden and missing and overridden[1].startswith(f"{missing[1]}."):
+        return ignored_by_stage(overridden[1], None, overridden[1])
+    return None
+
+
 def config_error_line(err: HydraException) -> str:
     """Hydra's composition errors span several lines; users get one."""
+    if stage_hint := stage_section_missing(err):
+        return stage_hint
     if isinstance(err, MissingConfigException) and err.missing_cfg_file and err.options:
         group, _, name = err.missing_cfg_file.rpartition("/")
         return f"{group}={name} is not a config in conf/{group}/; choose one of: {', '.join(sorted(err.options))}"

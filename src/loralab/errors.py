@@ -15,3 +15,7 @@ class DataError(LoralabError):
 
 class ArtifactError(LoralabError):
     """A weights, adapter or run-directory file that is missing, foreign or damaged."""
+
+
+class DivergedError(LoralabError):
+    """Training produced a NaN or infinite loss: the settings (often the learning rate) need changing."""

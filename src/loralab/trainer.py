@@ -15,9 +15,10 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import OmegaConf
+from torch.multiprocessing import ProcessRaisedException
 
 from loralab.config import RunConfig
-from loralab.errors import ArtifactError
+from loralab.errors import ArtifactError, LoralabError
 from loralab.files import atomic_write_bytes
 from loralab.progress import StepProgressBar
 from loralab.results import NUM_CLASSES, TestResult
@@ -84,8 +85,16 @@ class Fit:
 
 def fit(trainer: L.Trainer, module: L.LightningModule, datamodule: L.LightningDataModule, ckpt: Path | None) -> Fit:
     start = time.perf_counter()
-    # weights_only: a checkpoint is data; unpickling arbitrary objects from it could run code.
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
+    try:
+        # weights_only: a checkpoint is data; unpickling arbitrary objects from it could run code.
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
+    except ProcessRaisedException as err:
+        # ddp_spawn hands back a rank's exception as its traceback text, whose last line is
+        # "loralab.errors.DivergedError: <message>"; a user error stays a user error.
+        kind, _, message = str(err).strip().splitlines()[-1].partition(": ")
+        if kind.startswith(f"{LoralabError.__module__}."):
+            raise LoralabError(message) from None
+        raise
     seconds = time.perf_counter() - start
     # The module measures its optimizer state when training ends; callback_metrics is what
     # Lightning carries back from ddp_spawn's ranks, and the next test would reset it.

@@ -54,12 +54,30 @@ def save_base(model: MLP, path: str | Path, name: str) -> str:
     return sha
 
 
+def non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The first tensor holding NaN or inf, described; None when all are finite. One NaN weight
+    makes every output NaN, and argmax of NaN logits is class 0: a run would "work" and report
+    about 10 % accuracy, so bases, adapters and merged models are checked where they are read or written."""
+    for name, t in tensors.items():
+        # aminmax propagates NaN and holds any inf, in one pass with no mask: on the base's
+        # 2000x1000 weight, 0.2 ms here against isfinite(t).all()'s 15 ms.
+        if t.is_floating_point() and t.numel() and not all(torch.isfinite(v) for v in torch.aminmax(t)):
+            nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+            return f"tensor {name!r} ({nan} NaN and {inf} inf of {t.numel()} values)"
+    return None
+
+
 def read_safetensors(path: Path, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every safetensors file loralab reads (bases and adapters) comes through here, whole and finite."""
     try:
         with safe_open(str(path), framework="pt") as handle:
-            return {k: handle.get_tensor(k) for k in handle.keys()}, handle.metadata() or {}
+            tensors, meta = {k: handle.get_tensor(k) for k in handle.keys()}, handle.metadata() or {}
     except (SafetensorError, OSError, ValueError) as err:
         raise ArtifactError(f"{path} is not a readable safetensors {what} ({err}); pass a file written by loralab") from None
+    found = non_finite(tensors)
+    if found:
+        raise ArtifactError(f"{path} holds non-finite values in {found}; it is damaged or from a diverged run: pass another {what}, or train it again")
+    return tensors, meta
 
 
 def load_base(path: str | Path, sizes: list[int]) -> tuple[MLP, dict]:
