@@ -12,14 +12,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from loralab.errors import ConfigError
-from loralab.inject import resolve_targets
-from loralab.lora import LoRASpec
-from loralab.model import MLP
+from loralab.layout import layer_shapes
+from loralab.spec import LoRASpec, match_targets
 
 STAGES = ("pretrain", "finetune", "eval")
 SCHEDULERS = ("none", "cosine")
@@ -138,13 +136,12 @@ def check_lora(lora: DictConfig, sizes: tuple[int, ...]) -> LoRASpec:
         targets = tuple(targets)
     elif not isinstance(targets, str):
         raise _bad("lora.targets", targets, "expected a list of layer names or one regex string")
-    with torch.device("meta"):
-        model = MLP(list(sizes))  # shapes only: no memory, no initialisation cost
+    shapes = layer_shapes(sizes)
     try:
-        names = resolve_targets(model, targets)
+        names = match_targets(shapes, targets)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    max_rank = min(min(model.get_submodule(n).in_features, model.get_submodule(n).out_features) for n in names)
+    max_rank = min(min(shapes[n]) for n in names)
     _int("lora.rank", values.get("rank"), 1, max_rank)
     try:
         return LoRASpec(**(values | {"targets": targets}))
@@ -167,12 +164,18 @@ def check_devices(trainer: dict, batch_size: int) -> None:
         raise _bad("data.batch_size", batch_size, f"must divide evenly among trainer.devices={devices}, so each rank takes an equal share of every batch")
 
 
+def cuda_available() -> bool:
+    import torch  # only when a GPU is asked for: everything else here is checked without torch
+
+    return torch.cuda.is_available()
+
+
 def check_trainer(trainer: dict, batch_size: int) -> dict:
     if trainer.get("max_steps", -1) != -1:
         _int("trainer.max_steps", trainer["max_steps"], 1)
     if trainer.get("max_epochs") is not None:
         _int("trainer.max_epochs", trainer["max_epochs"], 1)
-    if trainer.get("accelerator") in ("gpu", "cuda") and not torch.cuda.is_available():
+    if trainer.get("accelerator") in ("gpu", "cuda") and not cuda_available():
         raise ConfigError("accelerator=gpu but no CUDA GPU is visible; use accelerator=cpu (or auto)")
     check_devices(trainer, batch_size)
     return trainer

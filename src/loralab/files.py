@@ -9,9 +9,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors.torch import save
-
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -43,6 +40,10 @@ def write_json(path: str | Path, obj: Any) -> Path:
     return write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
-def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+def write_safetensors(path: str | Path, tensors: dict, metadata: dict[str, str]) -> Path:
+    # Imported here: the CLI uses this module before it has checked the config, and torch's
+    # import costs more than a second that a typo should not pay.
+    from safetensors.torch import save
+
     contiguous = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
     return atomic_write_bytes(path, save(contiguous, metadata=metadata))

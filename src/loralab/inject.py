@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
-from loralab.lora import LoRALinear, LoRASpec, is_lora_name
+from loralab.lora import LoRALinear, is_lora_name
+from loralab.spec import LoRASpec, match_targets
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
@@ -28,19 +28,7 @@ def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 def resolve_targets(model: nn.Module, targets: str | tuple[str, ...]) -> list[str]:
     """Module names for ``targets``: a list of names, or one regex matched against whole names."""
-    available = linear_layers(model)
-    if isinstance(targets, str):
-        names = [n for n in available if re.fullmatch(targets, n)]
-        if not names:
-            raise ValueError(f"lora.targets regex {targets!r} matches no Linear layer; available: {', '.join(available)}")
-        return names
-    names = list(targets)
-    if not names:
-        raise ValueError(f"lora.targets is empty; name one or more of: {', '.join(available)}")
-    unknown = [n for n in names if n not in available]
-    if unknown:
-        raise ValueError(f"lora.targets {unknown} are not Linear layers; available: {', '.join(available)}")
-    return names
+    return match_targets(linear_layers(model), targets)
 
 
 def inject_lora(model: nn.Module, spec: LoRASpec) -> list[str]:

@@ -6,13 +6,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from loralab.layout import layer_shapes
+
 
 class MLP(nn.Module):
     def __init__(self, sizes: list[int]):
         super().__init__()
         self.sizes = [int(n) for n in sizes]
-        for i, (n_in, n_out) in enumerate(zip(self.sizes, self.sizes[1:]), start=1):
-            setattr(self, f"linear{i}", nn.Linear(n_in, n_out))
+        for name, (n_in, n_out) in layer_shapes(self.sizes).items():
+            setattr(self, name, nn.Linear(n_in, n_out))
         self.relu = nn.ReLU()
 
     @property
