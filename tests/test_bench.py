@@ -16,3 +16,15 @@ def test_bench_writes_valid_json(tmp_path, mnist_dir):
     assert results["switching"]["adapter_bytes"] < 0.003 * results["switching"]["base_bytes"]
     assert results["memory"]["loralab"]["optimizer_state_bytes"] == 2 * 4 * 6794 + 6 * 4  # Adam: two fp32 moments, and a step count per tensor
     assert results["lightning_epoch"]["batches"] == 20
+
+
+def test_floor_bench_writes_every_ratio(tmp_path, mnist_dir):
+    out = tmp_path / "floor.json"
+    done = script(ROOT / "benchmarks" / "bench.py", "--reps", "1", "--only-floor", "--out", out)
+    assert done.returncode == 0, done.stderr
+    results = json.loads(out.read_text())
+    for bs in (10, 64, 256):
+        for rank in (1, 4, 10):
+            row = results[f"floor_bs{bs}_r{rank}"]
+            assert {"floor_ms", "loralab_ms", "peft_ms", "loralab_vs_floor", "peft_vs_floor", "loralab_vs_peft"} <= set(row)
+        assert {"full_fused_vs_foreach", "loralab_fused_vs_foreach"} <= set(results[f"adam_bs{bs}"])
