@@ -39,6 +39,13 @@ def discard_if_empty(run_dir: Path, output_root: Path) -> None:
         parent.rmdir()
 
 
+def mark_failed(run_dir: Path, err: Exception) -> None:
+    """A failed run that left files keeps them (its log, its last checkpoint) with the reason
+    beside them, so no one takes it for a finished run; an interrupted one is left resumable."""
+    if run_dir.exists() and not (run_dir / METRICS_FILE).exists():
+        write_text(run_dir / ERROR_FILE, f"{type(err).__name__}: {err}\n" if not isinstance(err, LoralabError) else f"{err}\n")
+
+
 def configure_process(flush_denormal: bool) -> None:
     """Process-wide settings, made here at the entry point rather than by whoever runs a stage."""
     import torch
@@ -81,7 +88,11 @@ def run_job(cfg: DictConfig) -> float | None:
             write_text(run_dir / ERROR_FILE, f"{err}\n")
             return None
         discard_if_empty(run_dir, Path(cfg.output_root))
+        mark_failed(run_dir, err)
         sys.exit(2)
+    except Exception as err:
+        mark_failed(run_dir, err)  # a bug: its traceback follows
+        raise
     # Hydra sweepers (Optuna) optimise the returned value.
     return metrics.get("objective", metrics["test"]["acc"])
 

@@ -158,6 +158,10 @@ def check_trainer(trainer: dict, batch_size: int) -> dict:
     if trainer.get("accelerator") in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError("accelerator=gpu but no CUDA GPU is visible; use accelerator=cpu (or auto)")
     check_devices(trainer, batch_size)
+    # Imported here: Lightning takes seconds to import, and a typo caught above should not wait.
+    from loralab.trainer_args import check_trainer_args, trainer_kwargs
+
+    check_trainer_args(trainer_kwargs(trainer))
     return trainer
 
 

@@ -30,6 +30,7 @@ from loralab.report import digit_table
 from loralab.results import Shift, TestResult
 from loralab.runs import BASE_FILE, METRICS_FILE, resolve_base, worst_digits
 from loralab.trainer import fit, last_checkpoint, make_trainer, resume_checkpoint, run_test, tester
+from loralab.trainer_args import check_trainer_args, trainer_kwargs
 from loralab.weights import file_sha256, load_base, save_base
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,12 @@ def make_datamodule(cfg: RunConfig, digits: list[int]) -> MNISTDataModule:
     datamodule.prepare_data()
     datamodule.setup("fit")
     return datamodule
+
+
+def check_batches(cfg: RunConfig, datamodule: MNISTDataModule) -> None:
+    """check_config's trainer check again, now that the number of training batches is known
+    (val_check_interval may not exceed it), before the Trainer writes its first file."""
+    check_trainer_args(trainer_kwargs(cfg.trainer), train_batches=len(datamodule.train_dataloader()))
 
 
 def provenance() -> dict:
@@ -87,6 +94,7 @@ def run_metrics(cfg: RunConfig, model: nn.Module, digits: list[int]) -> dict:
 def pretrain(cfg: RunConfig, run_dir: Path) -> dict:
     digits = list(cfg.data.digits)
     datamodule = make_datamodule(cfg, digits)
+    check_batches(cfg, datamodule)
     model = MLP(list(cfg.sizes))
     module = Classifier(model, lr=cfg.lr, target_digits=digits, scheduler=cfg.scheduler)
     ckpt = resume_checkpoint(cfg)
@@ -114,6 +122,7 @@ def finetune(cfg: RunConfig, run_dir: Path) -> dict:
     model, base_meta = load_base(base_path, list(cfg.sizes))
     log.info("fine-tuning base %s on digits %s", base_path, digits)
     datamodule = make_datamodule(cfg, digits)
+    check_batches(cfg, datamodule)
     method = make_method(cfg, model)
     module = Classifier(model, lr=cfg.lr, target_digits=digits, distill=cfg.distill, frozen_base=method.frozen_base, loraplus_ratio=cfg.loraplus_ratio)
     ckpt = resume_checkpoint(cfg)

@@ -20,6 +20,7 @@ from loralab.config import RunConfig
 from loralab.errors import ArtifactError
 from loralab.files import atomic_write_bytes
 from loralab.results import NUM_CLASSES, TestResult
+from loralab.trainer_args import trainer_kwargs
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -41,12 +42,7 @@ def checkpoint_file(run_dir: Path) -> Path:
 
 
 def make_trainer(cfg: RunConfig, run_dir: Path, callbacks: list, checkpoint: bool, testing: bool = False) -> L.Trainer:
-    kwargs = dict(cfg.trainer)
-    if testing:
-        # Tests run here, in one process: seconds of work, not worth spawning ranks for.
-        kwargs |= {"devices": 1, "strategy": "auto"}
-    elif kwargs.get("strategy", "auto") == "auto" and str(kwargs.get("devices", "auto")) not in ("auto", "1"):
-        kwargs["strategy"] = "ddp_spawn"  # see conf/accelerator/ddp.yaml
+    kwargs = trainer_kwargs(cfg.trainer, testing)
     # Event files go straight into the run dir, so `tensorboard --logdir outputs` names runs by path.
     logger = TensorBoardLogger(save_dir=str(run_dir), name="", version="", default_hp_metric=False)
     if checkpoint:
