@@ -27,10 +27,11 @@ from loralab.files import write_json, write_text
 from loralab.inject import count_parameters, merge_lora, unmerge_lora
 from loralab.methods import make_method
 from loralab.model import MLP
-from loralab.report import digit_table
+from loralab.modelcard import AdapterCard, write_card
+from loralab.report import digit_table, show
 from loralab.results import Shift, TestResult
 from loralab.runs import BASE_FILE, METRICS_FILE, resolve_base, worst_digits
-from loralab.trainer import fit, last_checkpoint, make_trainer, resume_checkpoint, run_test, tester
+from loralab.trainer import fit, last_checkpoint, make_trainer, resume_checkpoint, run_command, run_test, tester
 from loralab.trainer_args import check_trainer_args, trainer_kwargs
 from loralab.weights import file_sha256, load_base, save_base
 
@@ -127,7 +128,7 @@ def pretrain(cfg: RunConfig, run_dir: Path) -> dict:
         "artifacts": {"base": str(run_dir / BASE_FILE), "checkpoint": last_checkpoint(run_dir), "tensorboard": str(run_dir)},
     }
     log_hparams(trainer, cfg, digits, results=hp_results(test, Shift.between(test, test, digits)))
-    print(f"\nPretrained {cfg.model_name} on MNIST, test set (10,000 images):\n{digit_table(test)}")
+    show(f"\nPretrained {cfg.model_name} on MNIST, test set (10,000 images):\n{digit_table(test)}")
     return metrics
 
 
@@ -155,6 +156,8 @@ def finetune(cfg: RunConfig, run_dir: Path) -> dict:
     test_base = method.test_base(test, model)
     check_base_file(base_path, base_file_sha, base_meta, method.base_sha256)
     artifacts = method.save(model, run_dir, cfg)
+    card = write_card(run_dir, AdapterCard(cfg.lora, cfg.model_name, list(cfg.sizes), base_path.resolve(), base_file_sha, method.base_sha256,
+                                           digits, test_base, result, run_command(run_dir))) if cfg.lora else None
     shift = Shift.between(test_base, result, digits)
     metrics = run_metrics(cfg, model, digits) | {
         "method": method.name,
@@ -170,11 +173,11 @@ def finetune(cfg: RunConfig, run_dir: Path) -> dict:
         "optimizer_state_bytes": fitted.optimizer_state_bytes,
         "artifact_bytes": sum(Path(p).stat().st_size for p in artifacts.values()),
         "seconds": {"fit": fitted.seconds, "test": test_s, "step": fitted.step_seconds},
-        "artifacts": {k: str(v) for k, v in artifacts.items()} | {"checkpoint": last_checkpoint(run_dir), "tensorboard": str(run_dir)},
+        "artifacts": {k: str(v) for k, v in artifacts.items()} | {"checkpoint": last_checkpoint(run_dir), "tensorboard": str(run_dir)}
+        | ({"model_card": str(card)} if card else {}),
     }
     log_hparams(trainer, cfg, digits, method.summary(), hp_results(result, shift))
-    print(f"\n{method.describe()} on digits {digits}, test set, base -> fine-tuned:")
-    print(digit_table(result, before=test_base, digits=digits))
+    show(f"\n{method.describe()} on digits {digits}, test set, base -> fine-tuned:\n{digit_table(result, before=test_base, digits=digits)}")
     return metrics
 
 
@@ -214,8 +217,7 @@ def evaluate(cfg: RunConfig, run_dir: Path) -> dict:
         result = test(f"test_{name}")
         unmerge_lora(model)
         results[name] = {"path": source, "merged": cfg.eval_merge, "test": result.to_json()}
-        print(f"\nadapter {name} ({'merged' if cfg.eval_merge else 'unmerged'}), base -> adapter:")
-        print(digit_table(result, before=base_result, digits=digits))
+        show(f"\nadapter {name} ({'merged' if cfg.eval_merge else 'unmerged'}), base -> adapter:\n{digit_table(result, before=base_result, digits=digits)}")
     adapters.use(None)
     log_hparams(trainer, cfg, digits)
     return run_metrics(cfg, model, digits) | {

@@ -104,11 +104,22 @@ def flat(container, prefix: str = "") -> dict:
     return {k: v for key, value in container.items() for k, v in flat(value, f"{prefix}{key}.").items()}
 
 
+def run_overrides(run_dir: Path) -> list[str] | None:
+    """The command-line overrides ``run_dir`` was made with, as Hydra recorded them; None for a
+    run that did not come from train.py."""
+    overrides_file = run_dir / ".hydra" / "overrides.yaml"
+    return [str(o) for o in OmegaConf.load(overrides_file)] if overrides_file.exists() else None
+
+
+def run_command(run_dir: Path) -> str | None:
+    """The command that made ``run_dir`` (one job's, for a sweep job)."""
+    overrides = run_overrides(run_dir)
+    return None if overrides is None else shlex.join(["python", "train.py", *overrides])
+
+
 def resume_command(run_dir: Path) -> str:
     """The command that continues ``run_dir``: its own overrides, plus resume=."""
-    overrides_file = run_dir / ".hydra" / "overrides.yaml"
-    overrides = list(OmegaConf.load(overrides_file)) if overrides_file.exists() else []
-    overrides = [o for o in overrides if not o.startswith("resume=")]
+    overrides = [o for o in run_overrides(run_dir) or [] if not o.startswith("resume=")]
     return shlex.join(["python", "train.py", *overrides, f"resume={run_dir}"])
 
 
