@@ -20,6 +20,11 @@ def tree_digest(root) -> dict:
         (["stage=finetune", "lora.rank=0"], ["lora.rank=0"]),
         (["data.digits=[1,1]"], ["data.digits", "once"]),
         (["stage=finetune", "base=/nonexistent/run"], ["base=/nonexistent/run does not exist"]),
+        # Lightning's own rules, as one line: a ValueError at construction, a ZeroDivisionError
+        # it would raise mid-fit (after writing events and hparams.yaml), a TypeError.
+        (["stage=finetune", "trainer.precision=bogus"], ["trainer.precision='bogus' is invalid"]),
+        (["stage=finetune", "trainer.val_check_interval=0"], ["trainer.val_check_interval=0 is invalid"]),
+        (["+trainer.no_such_key=1"], ["trainer.no_such_key is not a lightning.Trainer argument"]),
     ],
 )
 def test_bad_input_exits_with_one_line_and_writes_nothing(args, fragments, tmp_path):
@@ -27,6 +32,16 @@ def test_bad_input_exits_with_one_line_and_writes_nothing(args, fragments, tmp_p
     assert_one_line_error(done, *fragments)
     assert done.returncode == 2
     assert list(tmp_path.iterdir()) == []  # no run dir left behind
+
+
+def test_trainer_value_wrong_for_the_data_leaves_no_run_dir(tmp_path, pretrained):
+    """Validation every 25 batches of a 5-batch epoch: known only once the data is, and still
+    caught before the Trainer writes anything."""
+    args = [*SLICE, "stage=finetune", f"base={pretrained[1]}", "trainer.check_val_every_n_epoch=1", f"output_root={tmp_path}"]
+    done = train_py(*args)
+    assert_one_line_error(done, "trainer.val_check_interval=25 is invalid", "number of the training batches (5)")
+    assert done.returncode == 2
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_finetune_without_pretrain_says_what_to_run(tmp_path):
