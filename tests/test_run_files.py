@@ -6,7 +6,7 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import DATA_DIR
+from conftest import DATA_DIR, SLICE, train_py
 from loralab.classifier import Classifier
 from loralab.data import MNISTDataModule
 from loralab.trainer import checkpoint_file, run_test
@@ -49,3 +49,24 @@ def test_scheduler_logs_learning_rate_curve(pretrained, finetuned):
     lrs = [e.value for e in pretrain.Scalars("train/lr")]
     assert len(lrs) >= 2 and lrs[-1] < lrs[0]  # cosine decays
     assert "train/lr" not in EventAccumulator(str(finetuned[1])).Reload().Tags()["scalars"]  # optim.scheduler=none
+
+
+def test_model_card_names_the_base_and_results(finetuned):
+    metrics, run_dir = finetuned
+    card = (run_dir / "README.md").read_text()
+    assert metrics["artifacts"]["model_card"] == str(run_dir / "README.md")
+    assert metrics["base_file_sha256"] in card and metrics["base_sha256"] in card
+    assert f"digits {metrics['digits']}" in card and f"rank {metrics['lora']['rank']}" in card
+    assert f"{100 * metrics['test_base']['acc']:.2f} % | {100 * metrics['test']['acc']:.2f} %" in card
+
+
+def test_cli_run_logs_its_table_and_card_names_its_command(tmp_path, pretrained):
+    """train.log holds the per-digit table the console shows (once); the card holds the command."""
+    args = [*SLICE, "stage=finetune", "trainer.max_steps=5", "trainer.val_check_interval=5", f"base={pretrained[1]}", f"hydra.run.dir={tmp_path / 'run'}"]
+    done = train_py(*args)
+    assert done.returncode == 0, done.stderr
+    table_line = "target digits [9]: wrong"
+    assert done.stdout.count(table_line) == 1
+    assert table_line in (tmp_path / "run" / "train.log").read_text()
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert f"python train.py {' '.join(args[:-1])}\n" in card  # Hydra records overrides, not hydra.run.dir
