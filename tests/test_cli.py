@@ -103,7 +103,11 @@ def test_rank_sweep_writes_a_summary(tmp_path, pretrained):
     assert len(csv_lines) == 3 and csv_lines[0].startswith("job,status,method,rank")
     assert ",ok,lora,1," in csv_lines[1] and ",ok,lora,2," in csv_lines[2]
     assert f"| {jobs[1]} | ok | lora | 2 |" in (sweep / "summary.md").read_text()
-    assert "Sweep summary" in done.stdout
+    assert done.stdout.count("Sweep summary") == 1
+    # Logged too: in the sweep's own log, not in the last job's train.log (Hydra's file handler by then).
+    assert f"| {jobs[1]} | ok | lora | 2 |" in (sweep / "sweep.log").read_text()
+    assert "Sweep summary" not in (sweep / jobs[1] / "train.log").read_text()
+    assert "target digits [9]: wrong" in (sweep / jobs[1] / "train.log").read_text()
 
 
 def test_twelve_job_sweep_with_bad_values_finishes_the_rest(tmp_path, pretrained):
@@ -133,3 +137,22 @@ def test_digits_auto_without_base_metrics(tmp_path, pretrained):
     assert_one_line_error(done, "digits=auto needs the base's metrics.json")
     pre = train_py("stage=pretrain", "digits=auto", f"output_root={tmp_path / 'out'}")
     assert_one_line_error(pre, "needs stage=finetune")
+
+
+def test_failed_run_with_files_is_marked_failed(tmp_path):
+    """A run that fails after writing files keeps them (its log, its checkpoint) beside the
+    reason; one that finished is never marked."""
+    from loralab.cli import mark_failed
+    from loralab.errors import ArtifactError
+    from loralab.runs import sweep_jobs
+
+    failed, finished = tmp_path / "sweep" / "0_failed", tmp_path / "finished"
+    for run_dir in (failed, finished):
+        (run_dir / ".hydra").mkdir(parents=True)
+        (run_dir / "events.out.tfevents.1").write_bytes(b"")
+    (finished / "metrics.json").write_text("{}")
+    mark_failed(failed, ArtifactError("the base changed on disk"))
+    mark_failed(finished, RuntimeError("after the fact"))
+    assert (failed / "error.txt").read_text() == "the base changed on disk\n"
+    assert not (finished / "error.txt").exists()
+    assert sweep_jobs(tmp_path / "sweep")[0].error == "the base changed on disk"
