@@ -156,8 +156,6 @@ def finetune(cfg: RunConfig, run_dir: Path) -> dict:
     test_base = method.test_base(test, model)
     check_base_file(base_path, base_file_sha, base_meta, method.base_sha256)
     artifacts = method.save(model, run_dir, cfg)
-    card = write_card(run_dir, AdapterCard(cfg.lora, cfg.model_name, list(cfg.sizes), base_path.resolve(), base_file_sha, method.base_sha256,
-                                           digits, test_base, result, run_command(run_dir))) if cfg.lora else None
     shift = Shift.between(test_base, result, digits)
     metrics = run_metrics(cfg, model, digits) | {
         "method": method.name,
@@ -174,11 +172,20 @@ def finetune(cfg: RunConfig, run_dir: Path) -> dict:
         "artifact_bytes": sum(Path(p).stat().st_size for p in artifacts.values()),
         "seconds": {"fit": fitted.seconds, "test": test_s, "step": fitted.step_seconds},
         "artifacts": {k: str(v) for k, v in artifacts.items()} | {"checkpoint": last_checkpoint(run_dir), "tensorboard": str(run_dir)}
-        | ({"model_card": str(card)} if card else {}),
+        | model_card(cfg, run_dir, base_path, base_file_sha, method.base_sha256, digits, test_base, result),
     }
     log_hparams(trainer, cfg, digits, method.summary(), hp_results(result, shift))
     show(f"\n{method.describe()} on digits {digits}, test set, base -> fine-tuned:\n{digit_table(result, before=test_base, digits=digits)}")
     return metrics
+
+
+def model_card(cfg: RunConfig, run_dir: Path, base_path: Path, base_file_sha: str, base_sha: str, digits: list[int],
+               before: TestResult, after: TestResult) -> dict:
+    """README.md beside a LoRA adapter (outside artifact_bytes, which measures the adapter)."""
+    if cfg.lora is None:
+        return {}
+    card = AdapterCard(cfg.lora, cfg.model_name, list(cfg.sizes), base_path.resolve(), base_file_sha, base_sha, digits, before, after, run_command(run_dir))
+    return {"model_card": str(write_card(run_dir, card))}
 
 
 def check_base_file(base_path: Path, file_sha: str, meta: dict, weights_sha: str) -> None:
