@@ -156,3 +156,12 @@ def test_failed_run_with_files_is_marked_failed(tmp_path):
     assert (failed / "error.txt").read_text() == "the base changed on disk\n"
     assert not (finished / "error.txt").exists()
     assert sweep_jobs(tmp_path / "sweep")[0].error == "the base changed on disk"
+
+
+def test_help_shows_stages_groups_and_commands(tmp_path):
+    done = train_py("--help", f"output_root={tmp_path}", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    for text in ("pretrain   train the base", "model: expensive_mlp, small_mlp", "python train.py stage=pretrain\n",
+                 "python train.py stage=finetune lora.rank=1,2,4 -m", "tensorboard --logdir outputs"):
+        assert text in done.stdout
+    assert list(tmp_path.iterdir()) == []
