@@ -16,6 +16,11 @@ from conftest import SLICE, assert_one_line_error, train_py, tree_digest
         (["data.digits=[1,1]"], ["data.digits", "once"]),
         (["stage=finetune", "base=/nonexistent/run"], ["base=/nonexistent/run does not exist"]),
         (["lora.rank=4"], ["lora.rank=4 is read only by stage=finetune", "stage=pretrain run would ignore it"]),  # not a minute of pretraining
+        # Lightning's own rules, as one line: a ValueError at construction, a ZeroDivisionError
+        # it would raise mid-fit (after writing events and hparams.yaml), a TypeError.
+        (["stage=finetune", "trainer.precision=bogus"], ["trainer.precision='bogus' is invalid"]),
+        (["stage=finetune", "trainer.val_check_interval=0"], ["trainer.val_check_interval=0 is invalid"]),
+        (["+trainer.no_such_key=1"], ["trainer.no_such_key is not a lightning.Trainer argument"]),
     ],
 )
 def test_bad_input_exits_with_one_line_and_writes_nothing(args, fragments, tmp_path):
@@ -23,6 +28,16 @@ def test_bad_input_exits_with_one_line_and_writes_nothing(args, fragments, tmp_p
     assert_one_line_error(done, *fragments)
     assert done.returncode == 2
     assert list(tmp_path.iterdir()) == []  # no run dir left behind
+
+
+def test_trainer_value_wrong_for_the_data_leaves_no_run_dir(tmp_path, pretrained):
+    """Validation every 25 batches of a 5-batch epoch: known only once the data is, and still
+    caught before the Trainer writes anything."""
+    args = [*SLICE, "stage=finetune", f"base={pretrained[1]}", "trainer.check_val_every_n_epoch=1", f"output_root={tmp_path}"]
+    done = train_py(*args)
+    assert_one_line_error(done, "trainer.val_check_interval=25 is invalid", "number of the training batches (5)")
+    assert done.returncode == 2
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_finetune_without_pretrain_says_what_to_run(tmp_path):
@@ -85,7 +100,11 @@ def test_rank_sweep_writes_a_summary(tmp_path, pretrained):
     assert len(csv_lines) == 3 and csv_lines[0].startswith("job,status,method,rank")
     assert ",ok,lora,1," in csv_lines[1] and ",ok,lora,2," in csv_lines[2]
     assert f"| {jobs[1]} | ok | lora | 2 |" in (sweep / "summary.md").read_text()
-    assert "Sweep summary" in done.stdout
+    assert done.stdout.count("Sweep summary") == 1
+    # Logged too: in the sweep's own log, not in the last job's train.log (Hydra's file handler by then).
+    assert f"| {jobs[1]} | ok | lora | 2 |" in (sweep / "sweep.log").read_text()
+    assert "Sweep summary" not in (sweep / jobs[1] / "train.log").read_text()
+    assert "target digits [9]: wrong" in (sweep / jobs[1] / "train.log").read_text()
 
 
 def test_twelve_job_sweep_with_bad_values_finishes_the_rest(tmp_path, pretrained):
@@ -115,3 +134,31 @@ def test_digits_auto_without_base_metrics(tmp_path, pretrained):
     assert_one_line_error(done, "digits=auto needs the base's metrics.json")
     pre = train_py("stage=pretrain", "digits=auto", f"output_root={tmp_path / 'out'}")
     assert_one_line_error(pre, "needs stage=finetune")
+
+
+def test_failed_run_with_files_is_marked_failed(tmp_path):
+    """A run that fails after writing files keeps them (its log, its checkpoint) beside the
+    reason; one that finished is never marked."""
+    from loralab.cli import mark_failed
+    from loralab.errors import ArtifactError
+    from loralab.runs import sweep_jobs
+
+    failed, finished = tmp_path / "sweep" / "0_failed", tmp_path / "finished"
+    for run_dir in (failed, finished):
+        (run_dir / ".hydra").mkdir(parents=True)
+        (run_dir / "events.out.tfevents.1").write_bytes(b"")
+    (finished / "metrics.json").write_text("{}")
+    mark_failed(failed, ArtifactError("the base changed on disk"))
+    mark_failed(finished, RuntimeError("after the fact"))
+    assert (failed / "error.txt").read_text() == "the base changed on disk\n"
+    assert not (finished / "error.txt").exists()
+    assert sweep_jobs(tmp_path / "sweep")[0].error == "the base changed on disk"
+
+
+def test_help_shows_stages_groups_and_commands(tmp_path):
+    done = train_py("--help", f"output_root={tmp_path}", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    for text in ("pretrain   train the base", "model: expensive_mlp, small_mlp", "python train.py stage=pretrain\n",
+                 "python train.py stage=finetune lora.rank=1,2,4 -m", "tensorboard --logdir outputs"):
+        assert text in done.stdout
+    assert list(tmp_path.iterdir()) == []

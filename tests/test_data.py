@@ -25,10 +25,10 @@ def test_validation_split_is_fixed_seeded_and_disjoint(mnist_dir, nines):
     assert len(nines.val_set) == 5000
     again = MNISTDataModule(str(mnist_dir), digits=[9], seed=0)
     again.setup()
-    assert torch.equal(again.val_set.y, nines.val_set.y)
+    assert torch.equal(again.val_set.tensors[1], nines.val_set.tensors[1])
     other = MNISTDataModule(str(mnist_dir), digits=[9], seed=1)
     other.setup()
-    assert not torch.equal(other.val_set.y, nines.val_set.y)
+    assert not torch.equal(other.val_set.tensors[1], nines.val_set.tensors[1])
     fit = set((nines.train_pool.tolist())) | set(nines.other_pool.tolist())
     assert len(fit) == 55000  # 60,000 minus the held-out 5,000
 
@@ -41,7 +41,7 @@ def test_test_set_is_always_the_full_ten_thousand(nines):
 def test_images_are_normalised_once(mnist_dir):
     data = MNISTDataModule(str(mnist_dir))
     data.setup()
-    x = data.train_set.x
+    x = data.train_set.tensors[0]
     assert x.shape == (60000, 784) and x.dtype == torch.float32
     assert abs(x.mean().item()) < 1e-3 and abs(x.std().item() - 1) < 1e-3
     raw = torch.from_numpy(read_idx(mnist_dir)[0].copy()).reshape(60000, 784)
@@ -51,7 +51,7 @@ def test_images_are_normalised_once(mnist_dir):
 @pytest.mark.parametrize("replay", [0.3, 0.5])
 def test_replay_batches_contain_the_asked_fraction(nines, replay):
     sampler = DigitBatchSampler(nines.train_pool, 10, seed=0, replay_pool=nines.other_pool, replay=replay)
-    y = nines.train_set.y
+    y = nines.train_set.tensors[1]
     for batch in list(sampler)[:50]:
         assert len(batch) == 10
         assert int((y[batch] != 9).sum()) == round(replay * 10)

@@ -1,7 +1,10 @@
 """Adapters cross between loralab and Hugging Face PEFT in both directions with the same logits."""
 
+import json
+
 import pytest
 import torch
+from safetensors import safe_open
 
 from loralab import LoRASpec, inject_lora
 from loralab.adapter import load_adapter, save_adapter
@@ -40,3 +43,24 @@ def test_peft_adapter_loads_in_loralab(tmp_path, rslora):
     x = torch.randn(16, 784)
     assert torch.allclose(ours(x), theirs(x), atol=1e-5)
     assert not torch.allclose(ours(x), base_model()(x), atol=1e-3)  # the adapter is really applied
+
+
+@pytest.mark.parametrize("init, rank", [("gaussian", 1), ("kaiming", 4), ("gaussian", 4)])
+def test_peft_config_describes_our_init(tmp_path, init, rank):
+    """PEFT reads adapter_config.json's init_lora_weights with its own meaning: where PEFT has our
+    init, a LoraConfig built from the file draws A as we did (B = 0 in all of them); where it has
+    none (our N(0, 1) at rank > 1, PEFT's gaussian being N(0, 1/r²)), the file says True and the
+    weights' metadata says what we used."""
+    ours = base_model()
+    inject_lora(ours, LoRASpec(rank=rank, alpha=1, init=init))
+    save_adapter(ours, tmp_path, SIZES)
+    config = peft.LoraConfig.from_pretrained(str(tmp_path))
+    with safe_open(str(tmp_path / "adapter_model.safetensors"), "pt") as f:
+        assert f.metadata()["loralab_init"] == init
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_version"] == config.peft_version
+    theirs = peft.get_peft_model(base_model(), config).base_model.model
+    a_ours, a_theirs = ours.linear1.lora_A, theirs.linear1.lora_A["default"].weight  # rank x 784 draws each
+    assert not theirs.linear1.lora_B["default"].weight.any()
+    same = 0.85 < (a_theirs.std() / a_ours.std()).item() < 1.15
+    assert same == (init == "kaiming" or rank == 1)
+    assert config.init_lora_weights == ("gaussian" if (init, rank) == ("gaussian", 1) else True)

@@ -89,8 +89,8 @@ def test_saved_adapter_reproduces_the_trained_logits(finetuned, pretrained, mnis
 
 def _wrong_counts(model, data) -> list[int]:
     with torch.no_grad():
-        preds = torch.cat([model(data.test_set.x[i : i + 1000]).argmax(1) for i in range(0, 10000, 1000)])
-    y = data.test_set.y
+        preds = torch.cat([model(data.test_set.tensors[0][i : i + 1000]).argmax(1) for i in range(0, 10000, 1000)])
+    y = data.test_set.tensors[1]
     return [int(((preds != y) & (y == d)).sum()) for d in range(10)]
 
 

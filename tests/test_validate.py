@@ -1,6 +1,7 @@
 """Every bad config value is caught by one validation step, before any data or training."""
 
 import pytest
+import torch
 
 from conftest import make_cfg
 from loralab.config import check_config
@@ -88,3 +89,46 @@ def test_override_the_stage_reads_is_accepted(overrides, tmp_path):
 def test_experiment_values_are_not_overrides(tmp_path):
     """experiment=no_forgetting sets lora.*, data.replay and optim.lr for its own stage."""
     assert check_config(make_cfg(["experiment=no_forgetting"], tmp_path), ["experiment=no_forgetting"]).lora.rank == 8
+
+
+TRAINER_BAD = [
+    (["trainer.precision=bogus"], "trainer.precision='bogus' is invalid"),
+    (["stage=finetune", "trainer.val_check_interval=0"], "trainer.val_check_interval=0 is invalid"),  # fails only inside fit
+    (["trainer.check_val_every_n_epoch=0"], "trainer.check_val_every_n_epoch=0 is invalid"),  # likewise
+    (["trainer.limit_train_batches=-1"], "trainer.limit_train_batches=-1 is invalid"),
+    (["trainer.log_every_n_steps=-3"], "trainer.log_every_n_steps=-3 is invalid"),
+    (["trainer.deterministic=maybe"], "trainer.deterministic='maybe' is invalid"),
+    (["accelerator=cpu", "trainer.devices=0"], "trainer.devices=0 is invalid"),
+    (["+trainer.gradient_clip_val=a"], "trainer.gradient_clip_val='a' is invalid"),
+    (["+trainer.no_such_key=1"], "trainer.no_such_key is not a lightning.Trainer argument"),
+    (["+trainer.max_step=3"], "did you mean trainer.max_steps?"),
+    (["+trainer.logger=false"], "trainer.logger is set by loralab itself"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", TRAINER_BAD, ids=[" ".join(o) for o, _ in TRAINER_BAD])
+def test_bad_trainer_value_is_one_line_from_lightning(overrides, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the throwaway Trainer must write nothing, here or anywhere
+    cfg = make_cfg(overrides, tmp_path / "outputs")
+    with pytest.raises(ConfigError) as err:
+        check_config(cfg)
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_trainer_check_leaves_the_process_as_it_was(tmp_path):
+    """check_config runs before seed_everything, but the dry fit must not move torch's RNG or
+    flags anyway: the run that follows is the one it would have been."""
+    from loralab.trainer_args import check_trainer_args
+
+    expected = torch.manual_seed(0) and torch.rand(3)
+    torch.manual_seed(0)
+    flags = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark)
+    check_config(make_cfg(["stage=finetune", "trainer.deterministic=true"], tmp_path))
+    assert torch.equal(torch.rand(3), expected)
+    assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark) == flags
+    # What only the data decides: validation every 25 batches of a 5-batch epoch.
+    kwargs = {"val_check_interval": 25, "check_val_every_n_epoch": 1, "max_steps": 100}
+    with pytest.raises(ConfigError, match="trainer.val_check_interval=25 is invalid"):
+        check_trainer_args(kwargs, train_batches=5)
+    check_trainer_args(kwargs, train_batches=50)

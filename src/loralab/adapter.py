@@ -16,7 +16,7 @@ from torch import nn
 from loralab.errors import ArtifactError
 from loralab.files import write_json, write_safetensors
 from loralab.inject import inject_lora, load_lora_state_dict, lora_layers, lora_state_dict, remove_lora, set_lora_enabled
-from loralab.lora import LoRASpec, is_lora_name
+from loralab.lora import INITS, LoRASpec, is_lora_name
 from loralab.weights import fingerprint, read_safetensors
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,9 @@ def save_adapter(model: nn.Module, directory: str | Path, sizes: list[int]) -> d
     spec = adapter_spec(model)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    meta = {"format": "pt", "base_sha256": fingerprint(model), "model": json.dumps({"sizes": list(sizes)})}
+    meta = {"format": "pt", "base_sha256": fingerprint(model), "model": json.dumps({"sizes": list(sizes)}),
+            # PEFT ignores safetensors metadata: the one clean place for what its config cannot say.
+            "loralab_init": spec.init, "loralab_init_rule": INITS[spec.init]}
     tensors = {to_peft_key(name): t for name, t in saved_tensors(model).items()}
     return {
         "adapter": write_safetensors(directory / WEIGHTS_FILE, tensors, meta),
@@ -91,9 +93,9 @@ def read_adapter(directory: str | Path) -> tuple[dict, dict, dict]:
     return config, {from_peft_key(k): t for k, t in tensors.items()}, meta
 
 
-def read_spec(config: dict, source: str) -> LoRASpec:
+def read_spec(config: dict, meta: dict, source: str) -> LoRASpec:
     try:
-        return LoRASpec.from_peft_config(config)
+        return LoRASpec.from_peft_config(config, meta.get("loralab_init"))
     except (ValueError, TypeError) as err:
         raise ArtifactError(f"adapter in {source} cannot be used: {err}") from None
 
@@ -118,7 +120,7 @@ def load_adapter(model: nn.Module, directory: str | Path) -> dict:
     Refuses an adapter whose shapes do not fit ``model``; warns when only the base differs.
     """
     config, state, meta = read_adapter(directory)
-    apply_adapter(model, read_spec(config, str(directory)), state, str(directory))
+    apply_adapter(model, read_spec(config, meta, str(directory)), state, str(directory))
     warn_if_other_base(meta, fingerprint(model), str(directory))
     return config
 
@@ -145,7 +147,7 @@ class AdapterSet:
             raise ArtifactError(f"an adapter named {name!r} is already loaded; give each adapter its own name")
         config, state, meta = read_adapter(directory)
         warn_if_other_base(meta, self.base_sha256, str(directory))
-        self.adapters[name] = (read_spec(config, str(directory)), state, str(directory))
+        self.adapters[name] = (read_spec(config, meta, str(directory)), state, str(directory))
 
     def use(self, name: str | None) -> None:
         """Switch to adapter ``name``; ``None`` switches adapters off (the base model exactly)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from pathlib import Path
 
 import lightning as L
 import matplotlib
@@ -18,10 +19,12 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from loralab.errors import ArtifactError, DivergedError
-from loralab.inject import lora_disabled, lora_layers
+from loralab.inject import inject_lora, lora_disabled, lora_layers, mark_only_lora_trainable
 from loralab.lora import is_lora_name
+from loralab.model import MLP
 from loralab.results import NUM_CLASSES, TestResult
-from loralab.weights import fingerprint
+from loralab.spec import LoRASpec
+from loralab.weights import fingerprint, load_base
 
 matplotlib.use("Agg")  # figures go to TensorBoard, never to a screen
 
@@ -51,20 +54,51 @@ def digit_metrics() -> MetricCollection:
     )
 
 
+def rebuild(hparams: dict) -> nn.Module:
+    """The model a checkpoint's state fills: an MLP of its sizes, or, for a LoRA checkpoint, the
+    base file it adapts with the adapters injected (on_load_checkpoint then checks the base)."""
+    if hparams["base"] is None:
+        return MLP(hparams["sizes"])
+    if not Path(hparams["base"]).exists():
+        raise ArtifactError(f"the checkpoint adapts {hparams['base']}, which does not exist; "
+                            "pass base=<pretrain run>/base.safetensors to load_from_checkpoint")
+    model, _ = load_base(hparams["base"], hparams["sizes"])
+    if hparams["lora"] is not None:
+        inject_lora(model, LoRASpec(**hparams["lora"]))
+        mark_only_lora_trainable(model)
+    return model
+
+
 class Classifier(L.LightningModule):
+    """``Classifier.load_from_checkpoint(path)`` rebuilds the module from the hyperparameters it
+    saved: the MLP's sizes and, for a LoRA checkpoint (which holds only the adapter), the base
+    file it adapts, checked against the base's sha256, and the adapter's settings."""
+
     def __init__(
         self,
-        model: nn.Module,
+        model: nn.Module | None = None,
         lr: float = 1e-3,
         target_digits: list[int] | None = None,
         scheduler: str = "none",
         distill: float = 0.0,
         frozen_base: nn.Module | None = None,
         loraplus_ratio: float | None = None,
+        sizes: list[int] | None = None,
+        lora: dict | None = None,  # dataclasses.asdict(LoRASpec) of a LoRA fine-tune
+        base: str | None = None,  # the absolute path of the base file a LoRA fine-tune adapts
+        base_sha256: str | None = None,
     ):
         super().__init__()
-        self.model, self.lr, self.scheduler, self.loraplus_ratio = model, lr, scheduler, loraplus_ratio
         self.target_digits = list(range(NUM_CLASSES)) if target_digits is None else sorted(target_digits)
+        # Plain values only, so a checkpoint loads with weights_only=True; logger=False: the stage
+        # logs the run's hyperparameters itself, with its results.
+        self.save_hyperparameters({
+            "sizes": [int(n) for n in (sizes or model.sizes)], "lr": lr, "target_digits": self.target_digits,
+            "scheduler": scheduler, "distill": distill, "loraplus_ratio": loraplus_ratio,
+            "lora": lora, "base": base, "base_sha256": base_sha256,
+        }, logger=False)
+        self.model = rebuild(self.hparams) if model is None else model
+        self.lr, self.scheduler, self.loraplus_ratio = lr, scheduler, loraplus_ratio
         # Learning without Forgetting (Li & Hoiem, 2016): on the replayed images of the other
         # digits, also match the base model's output distribution, not only the label. The base
         # is the model with its adapters off, or, for a full fine-tune, a frozen copy.
@@ -90,7 +124,7 @@ class Classifier(L.LightningModule):
         # left it, about half a point below what the same epochs reach with a decayed rate.
         total = self.trainer.estimated_stepping_batches
         cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, int(total)))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": cosine, "interval": "step"}}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": cosine, "interval": "step", "name": "train/lr"}}
 
     def training_step(self, batch, batch_idx):
         x, y = batch

@@ -15,10 +15,11 @@ from hydra.errors import HydraException, MissingConfigException, OverrideParseEx
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from loralab.config import check_config, ignored_by_stage
+from loralab.config import check_config
 from loralab.console import quiet_warnings, use_hydra_handlers
 from loralab.errors import ArtifactError, LoralabError
 from loralab.files import write_text
+from loralab.overrides import ignored_by_stage
 from loralab.runs import ERROR_FILE, METRICS_FILE
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,13 @@ def discard_if_empty(run_dir: Path, output_root: Path) -> None:
         if parent == root or root not in parent.parents or any(parent.iterdir()):
             break
         parent.rmdir()
+
+
+def mark_failed(run_dir: Path, err: Exception) -> None:
+    """A failed run that left files keeps them (its log, its last checkpoint) with the reason
+    beside them, so no one takes it for a finished run; an interrupted one is left resumable."""
+    if run_dir.exists() and not (run_dir / METRICS_FILE).exists():
+        write_text(run_dir / ERROR_FILE, f"{type(err).__name__}: {err}\n" if not isinstance(err, LoralabError) else f"{err}\n")
 
 
 def configure_process(flush_denormal: bool) -> None:
@@ -82,7 +90,11 @@ def run_job(cfg: DictConfig) -> float | None:
             write_text(run_dir / ERROR_FILE, f"{err}\n")
             return None
         discard_if_empty(run_dir, Path(cfg.output_root))
+        mark_failed(run_dir, err)
         sys.exit(2)
+    except Exception as err:
+        mark_failed(run_dir, err)  # a bug: its traceback follows
+        raise
     # Hydra sweepers (Optuna) optimise the returned value.
     return metrics.get("objective", metrics["test"]["acc"])
 

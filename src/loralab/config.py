@@ -12,32 +12,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from loralab.errors import ConfigError
 from loralab.layout import layer_shapes
+from loralab.overrides import check_overrides
 from loralab.spec import LoRASpec, match_targets
 
 STAGES = ("pretrain", "finetune", "eval")
 SCHEDULERS = ("none", "cosine")
 METHODS = ("lora", "full")
-
-# The keys (and config groups) that only some stages read; the longest matching prefix decides,
-# so optim.loraplus_ratio is a fine-tune key while the rest of optim is any training stage's.
-USED_BY = {
-    "lora": ("finetune",),
-    "variant": ("finetune",),
-    "finetune": ("finetune",),
-    "data.replay": ("finetune",),
-    "data.auto_k": ("finetune",),
-    "optim.loraplus_ratio": ("finetune",),
-    "optim": ("pretrain", "finetune"),
-    "base": ("finetune", "eval"),
-    "eval": ("eval",),
-    "resume": ("pretrain", "finetune"),
-}
-
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -181,6 +165,14 @@ def check_trainer(trainer: dict, batch_size: int) -> dict:
     return trainer
 
 
+def check_with_lightning(trainer: dict) -> None:
+    """Every trainer.* value by Lightning's own rules. Last, and imported here: Lightning takes
+    seconds to import, and a typo in any other key should not wait for it."""
+    from loralab.trainer_args import check_trainer_args, trainer_kwargs
+
+    check_trainer_args(trainer_kwargs(trainer))
+
+
 def check_data(data: DictConfig, stage: str) -> DataConfig:
     return DataConfig(
         digits=check_digits(data.digits, stage),
@@ -215,33 +207,6 @@ def check_eval(cfg: DictConfig) -> dict:
     return {"eval_adapters": tuple(adapters), "eval_merge": cfg.eval.merge}
 
 
-def stages_using(key: str) -> tuple[str, ...] | None:
-    """The stages that read ``key`` (e.g. "lora.rank"); None for a key every stage reads."""
-    parts = key.split(".")
-    return next((USED_BY[k] for n in range(len(parts), 0, -1) if (k := ".".join(parts[:n])) in USED_BY), None)
-
-
-def ignored_by_stage(key: str, stage: str | None, override: str) -> str | None:
-    """Why ``stage`` ignores ``key`` (set by ``override``), with the fix; None when it reads it.
-    ``stage`` None: the stage is not known, the config did not compose without it."""
-    stages = stages_using(key)
-    if stages is None or stage in stages:
-        return None
-    run = f"this stage={stage} run would ignore it" if stage else "the chosen stage has no such setting"
-    fix = f"add stage={stages[0]}" if len(stages) == 1 else "run one of those stages"
-    return f"{override} is read only by {' and '.join(f'stage={s}' for s in stages)}, so {run}; {fix}, or drop {override}"
-
-
-def check_overrides(overrides: Sequence[str], stage: str) -> None:
-    """Refuse a command-line override that the stage would silently ignore: `train.py lora.rank=4`
-    would otherwise pretrain for a minute and never read the rank. Only the user's own overrides
-    count: an experiment config sets values for its stage on purpose."""
-    parsed = OverridesParser.create().parse_overrides(list(overrides))
-    ignored = [why for o in parsed if (why := ignored_by_stage(o.key_or_group, stage, o.input_line or o.key_or_group))]
-    if ignored:
-        raise ConfigError(ignored[0] + (f" ({len(ignored) - 1} more such override{'s' * (len(ignored) > 2)})" if len(ignored) > 1 else ""))
-
-
 def check_config(cfg: DictConfig, overrides: Sequence[str] = ()) -> RunConfig:
     """``overrides``: the command line's (Hydra's overrides.task), checked against the stage."""
     stage = _choice("stage.name", cfg.stage.name, STAGES)
@@ -250,14 +215,18 @@ def check_config(cfg: DictConfig, overrides: Sequence[str] = ()) -> RunConfig:
     data = check_data(cfg.data, stage)
     trainer = check_trainer(OmegaConf.to_container(cfg.trainer, resolve=True), data.batch_size)
     extra = check_finetune(cfg, sizes, data.replay) if stage == "finetune" else check_eval(cfg) if stage == "eval" else {}
+    lr = _number("optim.lr", cfg.optim.lr, 0, low_open=True)
+    scheduler = _choice("optim.scheduler", cfg.optim.scheduler, SCHEDULERS)
+    seed = _int("seed", cfg.seed, 0)
+    check_with_lightning(trainer)
     return RunConfig(
         stage=stage,
         model_name=cfg.model.name,
         sizes=sizes,
         data=data,
-        lr=_number("optim.lr", cfg.optim.lr, 0, low_open=True),
-        scheduler=_choice("optim.scheduler", cfg.optim.scheduler, SCHEDULERS),
-        seed=_int("seed", cfg.seed, 0),
+        lr=lr,
+        scheduler=scheduler,
+        seed=seed,
         data_dir=str(cfg.data_dir),
         output_root=str(cfg.output_root),
         trainer=trainer,

@@ -13,7 +13,7 @@ import math
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from loralab.mnist import TRAIN_MEAN, TRAIN_STD, ensure_mnist, read_idx
 
@@ -31,19 +31,6 @@ def load_tensors(data_dir: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
         return images.reshape(len(images), -1).float().div_(255.0).sub_(TRAIN_MEAN).div_(TRAIN_STD)
 
     return normalise(train_x), train_y.long(), normalise(test_x), test_y.long()
-
-
-class TensorSlices(Dataset):
-    """Indexed by a whole batch of indices at once: one gather per batch, no per-sample work."""
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor):
-        self.x, self.y = x, y
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def __getitem__(self, index):
-        return self.x[index], self.y[index]
 
 
 class DigitBatchSampler(Sampler):
@@ -116,16 +103,18 @@ class MNISTDataModule(L.LightningDataModule):
         train_x, train_y, test_x, test_y = load_tensors(self.data_dir)
         perm = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(self.seed))
         val_idx, fit_idx = perm[: self.val_size].sort().values, perm[self.val_size :].sort().values
-        self.train_set = TensorSlices(train_x, train_y)
-        self.val_set = TensorSlices(train_x[val_idx], train_y[val_idx])
-        self.test_set = TensorSlices(test_x, test_y)
+        # Indexed by a whole batch of indices at once (the samplers yield index tensors, and
+        # batch_size=None): one gather per batch, no per-sample work.
+        self.train_set = TensorDataset(train_x, train_y)
+        self.val_set = TensorDataset(train_x[val_idx], train_y[val_idx])
+        self.test_set = TensorDataset(test_x, test_y)
         selected = torch.isin(train_y[fit_idx], torch.tensor(self.digits))
         self.train_pool, self.other_pool = fit_idx[selected], fit_idx[~selected]
 
     @functools.cached_property
     def test_counts(self) -> tuple[int, ...]:
         """Images per digit in the test set."""
-        return tuple(torch.bincount(self.test_set.y, minlength=10).tolist())
+        return tuple(torch.bincount(self.test_set.tensors[1], minlength=10).tolist())
 
     def shard(self) -> tuple[int, int]:
         """(rank, world size) of this process: each rank reads only its share of the data."""
@@ -142,7 +131,7 @@ class MNISTDataModule(L.LightningDataModule):
             sampler.skip = trainer.fit_loop.epoch_loop.batch_progress.current.completed
         return DataLoader(self.train_set, sampler=sampler, batch_size=None)
 
-    def _sequential(self, dataset: TensorSlices) -> DataLoader:
+    def _sequential(self, dataset: TensorDataset) -> DataLoader:
         # Whole batches per rank, none repeated: torchmetrics then sums each image exactly once
         # (a DistributedSampler would pad the last rank with duplicates).
         rank, world_size = self.shard()

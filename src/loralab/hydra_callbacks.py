@@ -9,7 +9,9 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from loralab.report import write_summary
+from loralab.report import show, write_summary
+
+SWEEP_LOG = "sweep.log"
 
 
 class FreshRunDir(Callback):
@@ -31,7 +33,8 @@ class FreshRunDir(Callback):
 class SweepSummary(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         rows, table = write_summary(config.hydra.sweep.dir)
-        print(f"\nSweep summary ({config.hydra.sweep.dir}/summary.md):\n{table}")
+        # A sweep has no train.log of its own (Hydra's file handler is the last job's by now).
+        show(f"\nSweep summary ({config.hydra.sweep.dir}/summary.md):\n{table}", Path(config.hydra.sweep.dir) / SWEEP_LOG)
         failed = [r["job"] for r in rows if r.get("status") != "ok"]
         if failed:
             print(f"error: {len(failed)} of {len(rows)} jobs failed: {', '.join(failed)}", file=sys.stderr)

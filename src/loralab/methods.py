@@ -5,6 +5,7 @@ started from, and saves what it trained."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
@@ -42,6 +43,10 @@ class LoRAMethod:
         # Injected here as well as in every rank's setup (idempotent): ddp_spawn hands rank 0's
         # weights back to this process, and only a model with the same adapters takes them.
         self.callback.freeze_before_training(module)
+
+    def checkpoint_hparams(self, base_path: Path) -> dict:
+        """What a checkpoint holding only the adapter needs to be loaded on its own."""
+        return {"lora": dataclasses.asdict(self.spec), "base": str(base_path.resolve()), "base_sha256": self.base_sha256}
 
     def test_before_fit(self, test: Test) -> TestResult | None:
         return None  # the adapters switch off after training: the base is tested then
@@ -83,6 +88,9 @@ class FullMethod:
 
     def prepare(self, module) -> None:
         pass
+
+    def checkpoint_hparams(self, base_path: Path) -> dict:
+        return {}  # the checkpoint holds the whole model
 
     def test_before_fit(self, test: Test) -> TestResult:
         self.before = test("test_base")  # no adapter to switch off afterwards

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import re
 import statistics
 from pathlib import Path
@@ -12,12 +13,28 @@ from loralab.files import write_json, write_text
 from loralab.results import Shift, TestResult
 from loralab.runs import Run, sweep_jobs
 
+log = logging.getLogger(__name__)
+
 SUMMARY_COLUMNS = [
     "job", "status", "method", "rank", "alpha", "digits", "trainable",
     "target_wrong_before", "target_wrong_after", "other_wrong_before", "other_wrong_after",
     "acc_before", "acc_after", "forgetting", "optimizer_state_bytes", "artifact_bytes", "fit_seconds",
     "seed", "variant",
 ]
+
+
+def show(text: str, log_file: Path | None = None) -> None:
+    """Print ``text`` for the console, and log it at INFO to log files only: the run's train.log
+    (Hydra's file handler), or ``log_file``. Through the console handler too, it would show twice."""
+    print(text)
+    record = log.makeRecord(log.name, logging.INFO, __file__, 0, text, None, None)
+    own = logging.FileHandler(log_file, encoding="utf-8") if log_file else None
+    handlers = [own] if own else [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    for handler in handlers:
+        if record.levelno >= handler.level:
+            handler.handle(record)
+    if own:
+        own.close()
 
 
 def digit_table(test: TestResult, before: TestResult | None = None, digits: list[int] | None = None) -> str:

@@ -9,8 +9,15 @@ import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
-# gaussian: A ~ N(0, 1), the seeds' choice; kaiming: PEFT's default; pissa: Meng et al. (2024).
-INITS = ("gaussian", "kaiming", "pissa")
+# Each init and what it draws; B = 0 in the first two, so an adapter starts as a no-op.
+INITS = {
+    "gaussian": "lora_A ~ N(0, 1), lora_B = 0 (the seeds')",
+    "kaiming": "lora_A ~ kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)), lora_B = 0 (PEFT's default)",
+    "pissa": "lora_A, lora_B from W's top-rank singular triplets (Meng et al., 2024); saved converted to plain LoRA",
+}
+# The PEFT release whose LoraConfig fields and meanings adapter_config.json follows (checked
+# against it by tests/test_peft_interop.py); written as peft_version, the field PEFT writes.
+PEFT_VERSION = "0.21.2"
 
 
 def _invalid(name: str, value, allowed: str) -> ValueError:
@@ -82,15 +89,26 @@ class LoRASpec:
             "bias": "none",
             "use_rslora": self.rslora,
             "use_dora": self.dora,
-            "init_lora_weights": "gaussian" if self.init == "gaussian" else True,
+            "init_lora_weights": self.peft_init,
             "fan_in_fan_out": False,
             "modules_to_save": None,
             "inference_mode": True,
+            "peft_version": PEFT_VERSION,
         }
 
+    @property
+    def peft_init(self) -> bool | str:
+        """init_lora_weights as PEFT means it: True is A ~ kaiming-uniform, "gaussian" is A ~
+        N(0, std 1/r), B = 0 for both. Our gaussian (std 1) is PEFT's at rank 1 only; at other
+        ranks PEFT has no equivalent (an unknown string would break its loading), so the file
+        says True, B = 0 like ours, and the weights' metadata records our init (loralab_init).
+        A PiSSA adapter is saved converted to plain LoRA, which PEFT also marks True."""
+        return "gaussian" if self.init == "gaussian" and self.rank == 1 else True
+
     @classmethod
-    def from_peft_config(cls, config: dict) -> LoRASpec:
-        """The spec of a saved adapter (ours or PEFT's): what to inject before loading its tensors."""
+    def from_peft_config(cls, config: dict, loralab_init: str | None = None) -> LoRASpec:
+        """The spec of a saved adapter (ours or PEFT's): what to inject before loading its tensors.
+        ``loralab_init``: the init our weights' metadata records, where PEFT's field cannot say it."""
         init = config.get("init_lora_weights", True)
         if isinstance(init, str) and init.startswith("pissa"):
             raise ValueError("it is a PiSSA adapter saved without conversion (it applies to PiSSA's residual base only); "
@@ -101,7 +119,7 @@ class LoRASpec:
             alpha=float(config["lora_alpha"]),
             targets=tuple(targets) if isinstance(targets, list) else targets,
             dropout=float(config.get("lora_dropout") or 0.0),
-            init="gaussian" if init == "gaussian" else "kaiming",
+            init=loralab_init if loralab_init in ("gaussian", "kaiming") else "gaussian" if init == "gaussian" else "kaiming",
             rslora=bool(config.get("use_rslora", False)),
             dora=bool(config.get("use_dora", False)),
         )

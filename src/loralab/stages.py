@@ -13,6 +13,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -22,14 +23,16 @@ from loralab.classifier import Classifier
 from loralab.config import RunConfig
 from loralab.data import MNISTDataModule
 from loralab.errors import ArtifactError
-from loralab.files import write_json
+from loralab.files import write_json, write_text
 from loralab.inject import count_parameters, merge_lora, unmerge_lora
 from loralab.methods import make_method
 from loralab.model import MLP
-from loralab.report import digit_table
+from loralab.modelcard import AdapterCard, write_card
+from loralab.report import digit_table, show
 from loralab.results import Shift, TestResult
 from loralab.runs import BASE_FILE, METRICS_FILE, resolve_base, worst_digits
-from loralab.trainer import fit, last_checkpoint, make_trainer, resume_checkpoint, run_test, tester
+from loralab.trainer import fit, last_checkpoint, make_trainer, resume_checkpoint, run_command, run_test, tester
+from loralab.trainer_args import check_trainer_args, trainer_kwargs
 from loralab.weights import file_sha256, load_base, save_base
 
 log = logging.getLogger(__name__)
@@ -43,6 +46,19 @@ def make_datamodule(cfg: RunConfig, digits: list[int]) -> MNISTDataModule:
     datamodule.prepare_data()
     datamodule.setup("fit")
     return datamodule
+
+
+def check_batches(cfg: RunConfig, datamodule: MNISTDataModule) -> None:
+    """check_config's trainer check again, now that the number of training batches is known
+    (val_check_interval may not exceed it), before the Trainer writes its first file."""
+    check_trainer_args(trainer_kwargs(cfg.trainer), train_batches=len(datamodule.train_dataloader()))
+
+
+def fit_callbacks(run_dir: Path, module: Classifier, extra: list = ()) -> list:
+    """The resume hint, the method's own, and a learning-rate curve (train/lr) when a scheduler
+    moves the rate (a constant one would only repeat optim.lr)."""
+    monitor = [LearningRateMonitor(logging_interval="step")] if module.scheduler != "none" else []
+    return [ResumeHint(run_dir), *extra, *monitor]
 
 
 def provenance() -> dict:
@@ -59,18 +75,26 @@ def provenance() -> dict:
     return {"versions": versions, "git_commit": commit}
 
 
-def log_hparams(trainer: L.Trainer, cfg: RunConfig, digits: list[int], test: TestResult, lora: dict | None, shift: Shift) -> None:
-    """One HParams entry per run, with its final results, so TensorBoard compares runs side by side."""
+def hp_results(test: TestResult, shift: Shift) -> dict:
+    return {"hp/test_acc": test.acc, "hp/target_wrong": shift.target_after, "hp/other_wrong": shift.other_after,
+            "hp/target_gain": shift.gain, "hp/forgetting": shift.forgetting}
+
+
+def log_hparams(trainer: L.Trainer, cfg: RunConfig, digits: list[int], lora: dict | None = None, results: dict | None = None) -> None:
+    """One HParams entry per run, with its final results, so TensorBoard compares runs side by side;
+    hparams.yaml holds the same values."""
     hparams = {
         "stage": cfg.stage, "model": cfg.model_name, "seed": cfg.seed, "lr": cfg.lr,
         "batch_size": cfg.data.batch_size, "digits": " ".join(map(str, digits)),
         "max_steps": cfg.trainer.get("max_steps", -1), "max_epochs": cfg.trainer.get("max_epochs") or -1, "replay": cfg.data.replay,
     }
     hparams |= {f"lora.{k}": v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in (lora or {}).items()}
-    results = {"hp/test_acc": test.acc, "hp/target_wrong": shift.target_after, "hp/other_wrong": shift.other_after,
-               "hp/target_gain": shift.gain, "hp/forgetting": shift.forgetting}
-    trainer.logger.log_hyperparams(hparams, results)
-    trainer.logger.save()
+    logger = trainer.logger
+    logger.log_hyperparams(hparams, results)
+    logger.save()
+    # Lightning writes hparams.yaml once, when fit or test starts and only if it is missing, so it
+    # holds {}: the values are known only now.
+    write_text(Path(logger.log_dir) / logger.NAME_HPARAMS_FILE, OmegaConf.to_yaml(dict(logger.hparams)))
 
 
 def run_metrics(cfg: RunConfig, model: nn.Module, digits: list[int]) -> dict:
@@ -87,10 +111,11 @@ def run_metrics(cfg: RunConfig, model: nn.Module, digits: list[int]) -> dict:
 def pretrain(cfg: RunConfig, run_dir: Path) -> dict:
     digits = list(cfg.data.digits)
     datamodule = make_datamodule(cfg, digits)
+    check_batches(cfg, datamodule)
     model = MLP(list(cfg.sizes))
     module = Classifier(model, lr=cfg.lr, target_digits=digits, scheduler=cfg.scheduler)
     ckpt = resume_checkpoint(cfg)
-    trainer = make_trainer(cfg, run_dir, [ResumeHint(run_dir)], checkpoint=True)
+    trainer = make_trainer(cfg, run_dir, fit_callbacks(run_dir, module), checkpoint=True)
     fitted = fit(trainer, module, datamodule, ckpt)
     start = time.perf_counter()
     test = run_test(tester(trainer, cfg, run_dir), module, datamodule)
@@ -102,8 +127,8 @@ def pretrain(cfg: RunConfig, run_dir: Path) -> dict:
         "seconds": {"fit": fitted.seconds, "test": test_s, "step": fitted.step_seconds},
         "artifacts": {"base": str(run_dir / BASE_FILE), "checkpoint": last_checkpoint(run_dir), "tensorboard": str(run_dir)},
     }
-    log_hparams(trainer, cfg, digits, test, None, Shift.between(test, test, digits))
-    print(f"\nPretrained {cfg.model_name} on MNIST, test set (10,000 images):\n{digit_table(test)}")
+    log_hparams(trainer, cfg, digits, results=hp_results(test, Shift.between(test, test, digits)))
+    show(f"\nPretrained {cfg.model_name} on MNIST, test set (10,000 images):\n{digit_table(test)}")
     return metrics
 
 
@@ -114,11 +139,12 @@ def finetune(cfg: RunConfig, run_dir: Path) -> dict:
     model, base_meta = load_base(base_path, list(cfg.sizes))
     log.info("fine-tuning base %s on digits %s", base_path, digits)
     datamodule = make_datamodule(cfg, digits)
+    check_batches(cfg, datamodule)
     method = make_method(cfg, model)
     module = Classifier(model, lr=cfg.lr, target_digits=digits, scheduler=cfg.scheduler, distill=cfg.distill,
-                        frozen_base=method.frozen_base, loraplus_ratio=cfg.loraplus_ratio)
+                        frozen_base=method.frozen_base, loraplus_ratio=cfg.loraplus_ratio, **method.checkpoint_hparams(base_path))
     ckpt = resume_checkpoint(cfg)
-    trainer = make_trainer(cfg, run_dir, [ResumeHint(run_dir), *method.callbacks()], checkpoint=True)
+    trainer = make_trainer(cfg, run_dir, fit_callbacks(run_dir, module, method.callbacks()), checkpoint=True)
     test = partial(run_test, tester(trainer, cfg, run_dir), module, datamodule)
     method.prepare(module)
     method.test_before_fit(test)
@@ -145,12 +171,21 @@ def finetune(cfg: RunConfig, run_dir: Path) -> dict:
         "optimizer_state_bytes": fitted.optimizer_state_bytes,
         "artifact_bytes": sum(Path(p).stat().st_size for p in artifacts.values()),
         "seconds": {"fit": fitted.seconds, "test": test_s, "step": fitted.step_seconds},
-        "artifacts": {k: str(v) for k, v in artifacts.items()} | {"checkpoint": last_checkpoint(run_dir), "tensorboard": str(run_dir)},
+        "artifacts": {k: str(v) for k, v in artifacts.items()} | {"checkpoint": last_checkpoint(run_dir), "tensorboard": str(run_dir)}
+        | model_card(cfg, run_dir, base_path, base_file_sha, method.base_sha256, digits, test_base, result),
     }
-    log_hparams(trainer, cfg, digits, result, method.summary(), shift)
-    print(f"\n{method.describe()} on digits {digits}, test set, base -> fine-tuned:")
-    print(digit_table(result, before=test_base, digits=digits))
+    log_hparams(trainer, cfg, digits, method.summary(), hp_results(result, shift))
+    show(f"\n{method.describe()} on digits {digits}, test set, base -> fine-tuned:\n{digit_table(result, before=test_base, digits=digits)}")
     return metrics
+
+
+def model_card(cfg: RunConfig, run_dir: Path, base_path: Path, base_file_sha: str, base_sha: str, digits: list[int],
+               before: TestResult, after: TestResult) -> dict:
+    """README.md beside a LoRA adapter (outside artifact_bytes, which measures the adapter)."""
+    if cfg.lora is None:
+        return {}
+    card = AdapterCard(cfg.lora, cfg.model_name, list(cfg.sizes), base_path.resolve(), base_file_sha, base_sha, digits, before, after, run_command(run_dir))
+    return {"model_card": str(write_card(run_dir, card))}
 
 
 def check_base_file(base_path: Path, file_sha: str, meta: dict, weights_sha: str) -> None:
@@ -174,7 +209,8 @@ def evaluate(cfg: RunConfig, run_dir: Path) -> dict:
         name = Path(directory).name
         adapters.add(name if name not in adapters.adapters else f"{name}-{len(adapters.adapters)}", directory)
     datamodule = make_datamodule(cfg, digits)
-    test = partial(run_test, make_trainer(cfg, run_dir, [], checkpoint=False, testing=True), Classifier(model, target_digits=digits), datamodule)
+    trainer = make_trainer(cfg, run_dir, [], checkpoint=False, testing=True)
+    test = partial(run_test, trainer, Classifier(model, target_digits=digits), datamodule)
     start = time.perf_counter()
     base_result = test("test")
     test_s = time.perf_counter() - start
@@ -188,9 +224,9 @@ def evaluate(cfg: RunConfig, run_dir: Path) -> dict:
         result = test(f"test_{name}")
         unmerge_lora(model)
         results[name] = {"path": source, "merged": cfg.eval_merge, "test": result.to_json()}
-        print(f"\nadapter {name} ({'merged' if cfg.eval_merge else 'unmerged'}), base -> adapter:")
-        print(digit_table(result, before=base_result, digits=digits))
+        show(f"\nadapter {name} ({'merged' if cfg.eval_merge else 'unmerged'}), base -> adapter:\n{digit_table(result, before=base_result, digits=digits)}")
     adapters.use(None)
+    log_hparams(trainer, cfg, digits)
     return run_metrics(cfg, model, digits) | {
         "test": base_result.to_json(),
         "base": str(base_path),

@@ -22,6 +22,7 @@ from loralab.errors import ArtifactError, LoralabError
 from loralab.files import atomic_write_bytes
 from loralab.progress import StepProgressBar
 from loralab.results import NUM_CLASSES, TestResult
+from loralab.trainer_args import trainer_kwargs
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -43,12 +44,7 @@ def checkpoint_file(run_dir: Path) -> Path:
 
 
 def make_trainer(cfg: RunConfig, run_dir: Path, callbacks: list, checkpoint: bool, testing: bool = False) -> L.Trainer:
-    kwargs = dict(cfg.trainer)
-    if testing:
-        # Tests run here, in one process: seconds of work, not worth spawning ranks for.
-        kwargs |= {"devices": 1, "strategy": "auto"}
-    elif kwargs.get("strategy", "auto") == "auto" and str(kwargs.get("devices", "auto")) not in ("auto", "1"):
-        kwargs["strategy"] = "ddp_spawn"  # see conf/accelerator/ddp.yaml
+    kwargs = trainer_kwargs(cfg.trainer, testing)
     # Event files go straight into the run dir, so `tensorboard --logdir outputs` names runs by path.
     logger = TensorBoardLogger(save_dir=str(run_dir), name="", version="", default_hp_metric=False)
     if checkpoint:
@@ -120,11 +116,22 @@ def flat(container, prefix: str = "") -> dict:
     return {k: v for key, value in container.items() for k, v in flat(value, f"{prefix}{key}.").items()}
 
 
+def run_overrides(run_dir: Path) -> list[str] | None:
+    """The command-line overrides ``run_dir`` was made with, as Hydra recorded them; None for a
+    run that did not come from train.py."""
+    overrides_file = run_dir / ".hydra" / "overrides.yaml"
+    return [str(o) for o in OmegaConf.load(overrides_file)] if overrides_file.exists() else None
+
+
+def run_command(run_dir: Path) -> str | None:
+    """The command that made ``run_dir`` (one job's, for a sweep job)."""
+    overrides = run_overrides(run_dir)
+    return None if overrides is None else shlex.join(["python", "train.py", *overrides])
+
+
 def resume_command(run_dir: Path) -> str:
     """The command that continues ``run_dir``: its own overrides, plus resume=."""
-    overrides_file = run_dir / ".hydra" / "overrides.yaml"
-    overrides = list(OmegaConf.load(overrides_file)) if overrides_file.exists() else []
-    overrides = [o for o in overrides if not o.startswith("resume=")]
+    overrides = [o for o in run_overrides(run_dir) or [] if not o.startswith("resume=")]
     return shlex.join(["python", "train.py", *overrides, f"resume={run_dir}"])
 
 
