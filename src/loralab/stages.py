@@ -20,6 +20,7 @@ from loralab.adapter import AdapterSet
 from loralab.callbacks import ResumeHint
 from loralab.classifier import Classifier
 from loralab.config import RunConfig
+from loralab.dashboard import log_hparams
 from loralab.data import MNISTDataModule
 from loralab.errors import ArtifactError
 from loralab.files import write_json
@@ -27,7 +28,7 @@ from loralab.inject import count_parameters, merge_lora, unmerge_lora
 from loralab.methods import make_method
 from loralab.model import MLP
 from loralab.report import digit_table
-from loralab.results import Shift, TestResult
+from loralab.results import Shift
 from loralab.runs import BASE_FILE, METRICS_FILE, resolve_base, worst_digits
 from loralab.trainer import fit, last_checkpoint, make_trainer, resume_checkpoint, run_test, tester
 from loralab.weights import file_sha256, load_base, save_base
@@ -57,20 +58,6 @@ def provenance() -> dict:
     except (OSError, subprocess.SubprocessError):
         commit = None
     return {"versions": versions, "git_commit": commit}
-
-
-def log_hparams(trainer: L.Trainer, cfg: RunConfig, digits: list[int], test: TestResult, lora: dict | None, shift: Shift) -> None:
-    """One HParams entry per run, with its final results, so TensorBoard compares runs side by side."""
-    hparams = {
-        "stage": cfg.stage, "model": cfg.model_name, "seed": cfg.seed, "lr": cfg.lr,
-        "batch_size": cfg.data.batch_size, "digits": " ".join(map(str, digits)),
-        "max_steps": cfg.trainer.get("max_steps", -1), "max_epochs": cfg.trainer.get("max_epochs") or -1, "replay": cfg.data.replay,
-    }
-    hparams |= {f"lora.{k}": v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in (lora or {}).items()}
-    results = {"hp/test_acc": test.acc, "hp/target_wrong": shift.target_after, "hp/other_wrong": shift.other_after,
-               "hp/target_gain": shift.gain, "hp/forgetting": shift.forgetting}
-    trainer.logger.log_hyperparams(hparams, results)
-    trainer.logger.save()
 
 
 def run_metrics(cfg: RunConfig, model: nn.Module, digits: list[int]) -> dict:
