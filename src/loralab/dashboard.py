@@ -1,5 +1,5 @@
 """What a run adds to TensorBoard besides its logged scalars and figures: one HParams entry, with
-the keys its sweep varies in view."""
+the keys its sweep varies in view, and a chart of target- against other-digit error."""
 
 from __future__ import annotations
 
@@ -9,6 +9,15 @@ from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
 from loralab.config import RunConfig
 from loralab.results import Shift, TestResult
+
+# Custom Scalars tab: forgetting at a glance, the target digits' validation error falling while
+# the other digits' rises. Test errors are one point each, so HParams' results show them better;
+# the per-digit charts stay in the Scalars tab.
+FORGETTING_LAYOUT = {"forgetting": {"validation error, target vs other digits": ["Multiline", ["val/err_target", "val/err_other"]]}}
+
+
+def add_forgetting_chart(trainer: L.Trainer) -> None:
+    trainer.logger.experiment.add_custom_scalars(FORGETTING_LAYOUT)
 
 
 def hparams_entry(cfg: RunConfig, digits: list[int], lora: dict | None) -> dict:

@@ -20,7 +20,7 @@ from loralab.adapter import AdapterSet
 from loralab.callbacks import ResumeHint
 from loralab.classifier import Classifier
 from loralab.config import RunConfig
-from loralab.dashboard import log_hparams
+from loralab.dashboard import add_forgetting_chart, log_hparams
 from loralab.data import MNISTDataModule
 from loralab.errors import ArtifactError
 from loralab.files import write_json
@@ -106,6 +106,7 @@ def finetune(cfg: RunConfig, run_dir: Path) -> dict:
                         frozen_base=method.frozen_base, loraplus_ratio=cfg.loraplus_ratio)
     ckpt = resume_checkpoint(cfg)
     trainer = make_trainer(cfg, run_dir, [ResumeHint(run_dir), *method.callbacks()], checkpoint=True)
+    add_forgetting_chart(trainer)
     test = partial(run_test, tester(trainer, cfg, run_dir), module, datamodule)
     method.prepare(module)
     method.test_before_fit(test)
