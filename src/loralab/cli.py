@@ -8,12 +8,14 @@ import re
 import shutil
 import signal
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from loralab.config import check_config
 from loralab.console import quiet_warnings, use_hydra_handlers
@@ -56,6 +58,21 @@ def configure_process(flush_denormal: bool) -> None:
     keep_freed_memory()
 
 
+def swept_values(hydra_cfg: DictConfig) -> dict:
+    """This sweep job's values of the keys its sweep varies: {"lora.rank": 2} for the second job
+    of ``lora.rank=1,2,4 -m``. A job's own overrides hold every key, swept or not; the sweep's
+    command line is in multirun.yaml (Hydra's basic sweeper writes it before launching any job,
+    whatever the launcher), and experiment configs sweep through hydra.sweeper.params."""
+    parser = OverridesParser.create()
+    recorded = Path(hydra_cfg.sweep.dir) / "multirun.yaml"
+    command_line = list(OmegaConf.load(recorded).hydra.overrides.task) if recorded.exists() else []
+    swept = [o.key_or_group for o in parser.parse_overrides(command_line) if o.is_sweep_override()]
+    swept += list(hydra_cfg.sweeper.get("params") or {})
+    job = {o.key_or_group: o.value() for o in parser.parse_overrides(list(hydra_cfg.overrides.task))}
+    return {key: job[key] if isinstance(job[key], (bool, int, float, str)) else str(job[key])
+            for key in dict.fromkeys(swept) if key in job}
+
+
 def run_job(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
@@ -63,7 +80,7 @@ def run_job(cfg: DictConfig) -> float | None:
     if not cfg.get("verbose"):
         quiet_warnings()
     try:
-        settings = check_config(cfg, hydra_cfg.overrides.task)
+        settings = replace(check_config(cfg, hydra_cfg.overrides.task), sweep=swept_values(hydra_cfg) if multirun else {})
         if (run_dir / METRICS_FILE).exists():
             raise ArtifactError(f"{run_dir} already holds a finished run ({METRICS_FILE}); choose another hydra.run.dir")
         # Imported once the config is known good: Lightning and torchmetrics take seconds to

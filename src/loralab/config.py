@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -54,6 +54,9 @@ class RunConfig:
     resume: str | None = None
     eval_adapters: tuple[str, ...] = ()
     eval_merge: bool = False
+    # In a sweep job, this job's values of the keys the sweep varies ({"lora.rank": 2}); the cli
+    # reads them from Hydra, and TensorBoard's HParams table shows them first.
+    sweep: dict[str, Any] = field(default_factory=dict)
 
 
 def _bad(field: str, value, allowed: str) -> ConfigError:

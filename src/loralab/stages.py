@@ -21,9 +21,10 @@ from loralab.adapter import AdapterSet
 from loralab.callbacks import ResumeHint
 from loralab.classifier import Classifier
 from loralab.config import RunConfig
+from loralab.dashboard import add_forgetting_chart, hp_results, log_hparams
 from loralab.data import MNISTDataModule
 from loralab.errors import ArtifactError
-from loralab.files import write_json, write_text
+from loralab.files import write_json
 from loralab.inject import count_parameters, merge_lora, unmerge_lora
 from loralab.methods import make_method
 from loralab.model import MLP
@@ -75,28 +76,6 @@ def provenance() -> dict:
     return {"versions": versions, "git_commit": commit}
 
 
-def hp_results(test: TestResult, shift: Shift) -> dict:
-    return {"hp/test_acc": test.acc, "hp/target_wrong": shift.target_after, "hp/other_wrong": shift.other_after,
-            "hp/target_gain": shift.gain, "hp/forgetting": shift.forgetting}
-
-
-def log_hparams(trainer: L.Trainer, cfg: RunConfig, digits: list[int], lora: dict | None = None, results: dict | None = None) -> None:
-    """One HParams entry per run, with its final results, so TensorBoard compares runs side by side;
-    hparams.yaml holds the same values."""
-    hparams = {
-        "stage": cfg.stage, "model": cfg.model_name, "seed": cfg.seed, "lr": cfg.lr,
-        "batch_size": cfg.data.batch_size, "digits": " ".join(map(str, digits)),
-        "max_steps": cfg.trainer.get("max_steps", -1), "max_epochs": cfg.trainer.get("max_epochs") or -1, "replay": cfg.data.replay,
-    }
-    hparams |= {f"lora.{k}": v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in (lora or {}).items()}
-    logger = trainer.logger
-    logger.log_hyperparams(hparams, results)
-    logger.save()
-    # Lightning writes hparams.yaml once, when fit or test starts and only if it is missing, so it
-    # holds {}: the values are known only now.
-    write_text(Path(logger.log_dir) / logger.NAME_HPARAMS_FILE, OmegaConf.to_yaml(dict(logger.hparams)))
-
-
 def run_metrics(cfg: RunConfig, model: nn.Module, digits: list[int]) -> dict:
     return {
         "stage": cfg.stage,
@@ -145,6 +124,7 @@ def finetune(cfg: RunConfig, run_dir: Path) -> dict:
                         frozen_base=method.frozen_base, loraplus_ratio=cfg.loraplus_ratio, **method.checkpoint_hparams(base_path))
     ckpt = resume_checkpoint(cfg)
     trainer = make_trainer(cfg, run_dir, fit_callbacks(run_dir, module, method.callbacks()), checkpoint=True)
+    add_forgetting_chart(trainer)
     test = partial(run_test, tester(trainer, cfg, run_dir), module, datamodule)
     method.prepare(module)
     method.test_before_fit(test)
