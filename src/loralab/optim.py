@@ -1,0 +1,21 @@
+"""The optimizer the stages train with: Adam, and LoRA+'s learning rate per parameter group."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def adam(params: list, lr: float) -> torch.optim.Adam:
+    """The stages' Adam (the benchmark uses it too). ``foreach`` updates all tensors per kernel
+    instead of torch's CPU default of one at a time, bit-identically (tests/test_optimizer.py);
+    docs/benchmarks.md has the measurements, and why ``fused`` is not used."""
+    return torch.optim.Adam(params, lr=lr, foreach=True)
+
+
+def loraplus_groups(named: list[tuple[str, nn.Parameter]], lr: float, ratio: float) -> list[dict]:
+    """LoRA+ (Hayou et al., 2024) as PEFT's create_loraplus_optimizer: every B matrix and every
+    1-D trainable parameter (DoRA's magnitudes) learns ``ratio`` times faster than the rest."""
+    fast = [p for n, p in named if "lora_B" in n or p.ndim == 1]
+    slow = [p for n, p in named if not ("lora_B" in n or p.ndim == 1)]
+    return [group for group in ({"params": slow, "lr": lr}, {"params": fast, "lr": lr * ratio}) if group["params"]]
