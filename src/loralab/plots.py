@@ -53,19 +53,21 @@ def tradeoff_figure(runs: list[Run]):
 
 def seeds_figure(groups: list[dict]):
     """Target gain against forgetting per setting: the median, with the seeds' min-max as bars."""
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    labels = [g["label"] for g in groups]
     for g in groups:
         before_t, before_o = g["target_wrong_before"], g["other_wrong_before"]
         t, o = g["target_wrong"], g["other_wrong"]
         x, y = o["median"] - before_o, before_t - t["median"]
         xerr = [[x - (o["min"] - before_o)], [(o["max"] - before_o) - x]]
         yerr = [[y - (before_t - t["max"])], [(before_t - t["min"]) - y]]
-        ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="o", capsize=3, label=f"{g['setting']} ({len(g['seeds'])} seeds)")
+        name = g["label"] if labels.count(g["label"]) == 1 else g["setting"]
+        ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="o", capsize=3, label=f"{name} ({len(g['seeds'])} seeds)")
     ax.set_xscale("symlog", linthresh=100)
     ax.set_xlabel("forgetting: more wrong on the other digits (median, min-max)")
     ax.set_ylabel("target gain: fewer wrong (median, min-max)")
     ax.set_title("What each setting buys and costs, over seeds")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     return fig
 

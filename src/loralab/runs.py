@@ -110,7 +110,7 @@ def finished_runs(path: str | Path) -> list[Run]:
     path = Path(path)
     if (path / METRICS_FILE).exists():
         return [read_run(path)]
-    runs = [read_run(p.parent) for p in sorted(path.glob(f"*/{METRICS_FILE}"))]
+    runs = [read_run(directory) for directory in sorted((p.parent for p in path.glob(f"*/{METRICS_FILE}")), key=job_order)]
     if not runs:
         raise ArtifactError(f"no {METRICS_FILE} in {path} or its job directories; pass a run or sweep dir")
     return runs
