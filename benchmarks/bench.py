@@ -293,7 +293,7 @@ def main(argv=None) -> dict:
     if args.only_floor:
         keep_freed_memory()
         for bs in (10, 64, 256):
-            for rank in (1, 4, 10):  # 16 exceeds linear3's 10 outputs, which loralab refuses
+            for rank in (1, 4, 10):  # 16 exceeds linear3's 10 outputs, which the config refuses to train
                 results[f"floor_bs{bs}_r{rank}"] = floor_steps(bs, rank, args.reps)
             results[f"adam_bs{bs}"] = optimizers(bs, args.reps)
     elif not args.only_protocol:

@@ -3,7 +3,8 @@
     python scripts/merge_adapter.py BASE ADAPTER_DIR OUT.safetensors
 
 BASE is a pretrain run dir or base.safetensors. The output is an ordinary MLP (same format as a
-base, so `base=OUT.safetensors` fine-tunes it further): W' = W + (alpha/r)·B·A, no adapter left,
+base, so `base=OUT.safetensors` fine-tunes it further): W' = W + scale·B·A (DoRA: each row
+rescaled to its learnt magnitude), no adapter left,
 so inference costs exactly what the base costs. Its logits are checked against base + adapter,
 and, as PEFT's ``safe_merge``, a merge that gives NaN or inf weights is refused with nothing written.
 """

@@ -96,3 +96,14 @@ def test_truncated_weights_are_refused(tmp_path):
 def test_no_temporary_files_are_left(tmp_path):
     save_adapter(adapted(), tmp_path, SIZES)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_adapter_set_refuses_an_unfit_adapter_when_added(tmp_path):
+    """stage=eval reads every adapter before testing anything: a misfit fails there, not later."""
+    from loralab import AdapterSet
+
+    save_adapter(adapted(sizes=[784, 64, 16, 10]), tmp_path, [784, 64, 16, 10])
+    model = MLP(SIZES)
+    with pytest.raises(ArtifactError, match="linear1.lora_B has shape \\(64, 2\\), the model needs \\(32, 2\\)"):
+        AdapterSet(model).add("other", tmp_path)
+    assert not any("lora_" in n for n, _ in model.named_parameters())  # the model is untouched

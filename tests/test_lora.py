@@ -153,8 +153,10 @@ def test_unknown_targets_list_the_linear_layers(targets, message):
         inject_lora(MLP([784, 32, 16, 10]), LoRASpec(rank=1, alpha=1, targets=targets))
 
 
-@pytest.mark.parametrize("rank", [0, -1, 11, 1.5, True])
+@pytest.mark.parametrize("rank", [0, -1, 1.5, True])
 def test_rank_bounds(rank):
+    """A rank above min(in, out) is refused by the config (test_validate), not here: a saved
+    PiSSA adapter holds twice its trained rank and must load (test_variants)."""
     with pytest.raises(ValueError, match="rank"):
         LoRALinear(nn.Linear(2000, 10), LoRASpec(rank=rank, alpha=1))
 

@@ -148,6 +148,34 @@ def test_pissa_is_saved_as_plain_lora_of_twice_the_rank(tmp_path, variant, saved
     assert torch.allclose(fresh.eval()(X), model(X), atol=1e-5)
 
 
+def test_pissa_saved_above_a_layers_rank_loads_everywhere(tmp_path):
+    """Rank 8 on linear3 (10 outputs) saves as rank 16: loralab and PEFT both load it."""
+    model = adapted("pissa", rank=8, alpha=8)
+    save_adapter(model, tmp_path, SMALL)
+    fresh = base_model()
+    load_adapter(fresh, tmp_path)
+    assert torch.allclose(fresh.eval()(X), model(X), atol=1e-5)
+    theirs = peft.PeftModel.from_pretrained(base_model(), str(tmp_path)).eval()
+    with torch.no_grad():
+        assert torch.allclose(theirs(X), model(X), atol=1e-5)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("alpha_pattern", {"linear1": 64}, "alpha_pattern"),
+    ("init_lora_weights", "olora", "rewritten base"),
+    ("bias", "all", "bias"),
+])
+def test_peft_adapters_loralab_cannot_represent_are_refused(tmp_path, field, value, message):
+    model = adapted("plain")
+    save_adapter(model, tmp_path, SMALL)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config | {field: value}))
+    from loralab.errors import ArtifactError
+
+    with pytest.raises(ArtifactError, match=message):
+        load_adapter(base_model(), tmp_path)
+
+
 def test_pissa_cannot_start_from_an_unconverted_peft_file(tmp_path):
     theirs = peft.get_peft_model(base_model(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=list(ALL_LAYERS), init_lora_weights="pissa"))
     theirs.save_pretrained(str(tmp_path))

@@ -15,7 +15,16 @@ from torch import nn
 
 from loralab.errors import ArtifactError
 from loralab.files import write_json, write_safetensors
-from loralab.inject import inject_lora, load_lora_state_dict, lora_layers, lora_state_dict, remove_lora, set_lora_enabled
+from loralab.inject import (
+    inject_lora,
+    linear_layers,
+    load_lora_state_dict,
+    lora_layers,
+    lora_state_dict,
+    remove_lora,
+    resolve_targets,
+    set_lora_enabled,
+)
 from loralab.lora import INITS, LoRASpec, is_lora_name
 from loralab.weights import fingerprint, read_safetensors
 
@@ -109,6 +118,33 @@ def apply_adapter(model: nn.Module, spec: LoRASpec, state: dict, source: str) ->
         raise ArtifactError(f"adapter in {source} does not fit this base model: {err}") from None
 
 
+def check_fits(model: nn.Module, spec: LoRASpec, state: dict, source: str) -> None:
+    """Refuse an adapter whose targets or tensor shapes do not fit ``model``, before anything runs."""
+    try:
+        names = resolve_targets(model, spec.targets)
+    except ValueError as err:
+        raise ArtifactError(f"adapter in {source} does not fit this base model: {err}") from None
+    layers = linear_layers(model)
+    expected = {}
+    for name in names:
+        base = getattr(layers[name], "base_layer", layers[name])
+        expected |= {f"{name}.lora_A": (spec.rank, base.in_features), f"{name}.lora_B": (base.out_features, spec.rank)}
+        if spec.dora:
+            expected[f"{name}.lora_magnitude_vector"] = (base.out_features,)
+    found = {key: tuple(t.shape) for key, t in state.items()}
+    if found != expected:
+        wrong = sorted(k for k in found.keys() | expected.keys() if found.get(k) != expected.get(k))[0]
+        raise ArtifactError(f"adapter in {source} does not fit this base model: {wrong} has shape {found.get(wrong)}, "
+                            f"the model needs {expected.get(wrong)}")
+
+
+def layout(spec: LoRASpec) -> tuple:
+    """What the wrapped layers depend on: adapters that share it switch by copying tensors (the
+    init only drew the starting values, which the copy replaces)."""
+    targets = tuple(sorted(spec.targets)) if not isinstance(spec.targets, str) else spec.targets
+    return targets, spec.rank, spec.alpha, spec.rslora, spec.dora, spec.dropout
+
+
 def warn_if_other_base(meta: dict, base_sha256: str, source: str) -> None:
     if meta.get("base_sha256") and meta["base_sha256"] != base_sha256:
         log.warning("adapter in %s was trained on another base (sha256 %s…); loading it anyway", source, meta["base_sha256"][:12])
@@ -128,9 +164,9 @@ def load_adapter(model: nn.Module, directory: str | Path) -> dict:
 class AdapterSet:
     """Several adapters on one base model, switched by name without reloading the base.
 
-    Adapters are read and checked once, in ``add``; switching copies only their A and B tensors
-    into the wrapped layers (re-wrapping only when the next adapter has other targets, rank or
-    alpha).
+    Adapters are read and checked against the base once, in ``add``; switching copies only their
+    tensors into the wrapped layers (re-wrapping only when the next adapter has another layout:
+    targets, rank, alpha, scaling, DoRA or dropout).
     """
 
     def __init__(self, model: nn.Module):
@@ -146,8 +182,10 @@ class AdapterSet:
         if name in self.adapters:
             raise ArtifactError(f"an adapter named {name!r} is already loaded; give each adapter its own name")
         config, state, meta = read_adapter(directory)
+        spec = read_spec(config, meta, str(directory))
+        check_fits(self.model, spec, state, str(directory))
         warn_if_other_base(meta, self.base_sha256, str(directory))
-        self.adapters[name] = (read_spec(config, meta, str(directory)), state, str(directory))
+        self.adapters[name] = (spec, state, str(directory))
 
     def use(self, name: str | None) -> None:
         """Switch to adapter ``name``; ``None`` switches adapters off (the base model exactly)."""
@@ -157,7 +195,7 @@ class AdapterSet:
             if name not in self.adapters:
                 raise ArtifactError(f"no adapter named {name!r}; loaded: {', '.join(self.adapters) or 'none'}")
             spec, state, source = self.adapters[name]
-            if spec == self._injected:
+            if self._injected is not None and layout(spec) == layout(self._injected):
                 if any(layer.merged for layer in self._layers):
                     raise RuntimeError("an adapter is merged; call unmerge_lora(model) before switching")
                 with torch.no_grad():  # the fast path: copy A and B into the layers as they are

@@ -9,6 +9,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from loralab.errors import LoralabError
 from loralab.report import show, write_summary
 
 SWEEP_LOG = "sweep.log"
@@ -32,7 +33,11 @@ class FreshRunDir(Callback):
 
 class SweepSummary(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        rows, table = write_summary(config.hydra.sweep.dir)
+        try:
+            rows, table = write_summary(config.hydra.sweep.dir)
+        except LoralabError as err:  # a damaged or foreign metrics.json among the jobs
+            print(f"error: no sweep summary: {err}", file=sys.stderr)
+            sys.exit(1)
         # A sweep has no train.log of its own (Hydra's file handler is the last job's by now).
         show(f"\nSweep summary ({config.hydra.sweep.dir}/summary.md):\n{table}", Path(config.hydra.sweep.dir) / SWEEP_LOG)
         failed = [r["job"] for r in rows if r.get("status") != "ok"]

@@ -29,9 +29,8 @@ class LoRALinear(nn.Module):
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
             raise TypeError(f"LoRALinear wraps nn.Linear, got {type(base_layer).__name__}")
-        max_rank = min(base_layer.in_features, base_layer.out_features)
-        if spec.rank > max_rank:
-            raise ValueError(f"rank must be an integer in 1..{max_rank} for {base_layer}, got {spec.rank!r}")
+        # No upper bound on the rank here: a rank above min(in, out) adds nothing to train (the
+        # config refuses it), but a saved PiSSA adapter holds twice its trained rank and must load.
         self.base_layer, self.spec = base_layer, spec
         self.rank, self.scale = spec.rank, spec.scale
         factory = {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
@@ -83,14 +82,18 @@ class LoRALinear(nn.Module):
         weight = self.base_layer.weight
         return torch.linalg.norm(weight + self.delta_weight().detach().to(weight.dtype), dim=1).detach()
 
-    def lora_output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """``out + scale * B A x``; under PiSSA ``out + scale * (B A x - B0 A0 x)``, whose
-        difference is exactly zero at step 0 (the same products of the same tensors)."""
+    def lora_product(self, x: torch.Tensor) -> torch.Tensor:
+        """``B A x``; under PiSSA ``B A x - B0 A0 x``, exactly zero at step 0 (the same products
+        of the same tensors)."""
+        product = F.linear(F.linear(x, self.lora_A), self.lora_B)
         if self.spec.init == "pissa":
-            lora = F.linear(F.linear(x, self.lora_A), self.lora_B) - F.linear(F.linear(x, self.lora_A0), self.lora_B0)
-            return torch.add(out, lora, alpha=self.scale)
-        if out.dim() != 2:
-            return out + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
+            product = product - F.linear(F.linear(x, self.lora_A0), self.lora_B0)
+        return product
+
+    def lora_output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``out + scale * B A x`` (minus B0 A0 x under PiSSA)."""
+        if self.spec.init == "pissa" or out.dim() != 2:
+            return torch.add(out, self.lora_product(x), alpha=self.scale)
         # One kernel for out + scale * h @ B.T: no temporary for the product or the scaling.
         return torch.addmm(out, F.linear(x, self.lora_A), self.lora_B.t(), alpha=self.scale)
 
@@ -109,8 +112,7 @@ class LoRALinear(nn.Module):
             base = out if bias is None else out - bias
         else:
             base = F.linear(dropped, self.base_layer.weight)
-        lora = self.lora_output(dropped, torch.zeros_like(base))
-        return out + (factor - 1) * base + factor * lora
+        return out + (factor - 1) * base + (factor * self.scale) * self.lora_product(dropped)
 
     @torch.no_grad()
     def merge(self) -> None:

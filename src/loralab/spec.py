@@ -113,6 +113,15 @@ class LoRASpec:
         if isinstance(init, str) and init.startswith("pissa"):
             raise ValueError("it is a PiSSA adapter saved without conversion (it applies to PiSSA's residual base only); "
                              "save it with PEFT's path_initial_model_for_weight_conversion")
+        if init not in (True, False, "gaussian"):
+            # olora, corda, loftq and the like rewrite the base they train on: this file would not
+            # apply to the original one.
+            raise ValueError(f"init_lora_weights={init!r} trains on a rewritten base; only true, false and \"gaussian\" apply to the original")
+        unsupported = [key for key in ("rank_pattern", "alpha_pattern", "layers_to_transform", "modules_to_save") if config.get(key)]
+        if config.get("bias", "none") != "none":
+            unsupported.append("bias")
+        if unsupported:
+            raise ValueError(f"it uses {', '.join(unsupported)}, which loralab's adapters do not have (one rank and alpha for every layer, no bias)")
         targets = config["target_modules"]
         return cls(
             rank=int(config["r"]),

@@ -94,8 +94,10 @@ def fit(trainer: L.Trainer, module: L.LightningModule, datamodule: L.LightningDa
     seconds = time.perf_counter() - start
     # The module measures its optimizer state when training ends; callback_metrics is what
     # Lightning carries back from ddp_spawn's ranks, and the next test would reset it.
+    # Absent when Lightning trained no step (limit_train_batches=0, or resuming a run whose
+    # training had finished): nothing was measured.
     measured = trainer.callback_metrics
-    return Fit(seconds, float(measured["step_seconds"]), int(measured["optimizer_state_bytes"]))
+    return Fit(seconds, float(measured.get("step_seconds", float("nan"))), int(measured.get("optimizer_state_bytes", 0)))
 
 
 def run_test(trainer: L.Trainer, module: L.LightningModule, datamodule, split: str = "test") -> TestResult:
