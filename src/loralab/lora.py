@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loralab.spec import INITS, LoRASpec  # noqa: F401 - the spec is part of this module's API
+from loralab.spec import INITS, LoRASpec, variant_flags  # noqa: F401 - the spec is part of this module's API
 
 PREFIX = "lora_"
 
@@ -141,7 +141,7 @@ class LoRALinear(nn.Module):
         self.merged = False
 
     def extra_repr(self) -> str:
-        variant = "".join(f", {flag}" for flag in ("dora", "rslora") if getattr(self.spec, flag))
+        variant = "".join(f", {flag}" for flag in variant_flags(self.spec) if flag != "pissa")
         return f"rank={self.rank}, alpha={self.spec.alpha:g}, scale={self.scale:g}, init={self.spec.init}{variant}, enabled={self.enabled}, merged={self.merged}"
 
 

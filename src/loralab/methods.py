@@ -15,9 +15,9 @@ from loralab.adapter import save_adapter
 from loralab.callbacks import LoRAFinetuning
 from loralab.config import RunConfig
 from loralab.inject import lora_disabled
-from loralab.lora import LoRASpec
 from loralab.results import TestResult
 from loralab.runs import FULL_FILE
+from loralab.spec import LoRASpec, variant_flags
 from loralab.weights import fingerprint, save_base
 
 Test = Callable[[str], TestResult]  # runs the test set, logged under the given split
@@ -69,9 +69,8 @@ class LoRAMethod:
         return self.spec.to_dict()
 
     def describe(self) -> str:
-        variant = "".join(f", {flag}" for flag in ("dora", "rslora") if getattr(self.spec, flag))
-        init = ", PiSSA init" if self.spec.init == "pissa" else ""
-        return f"LoRA rank {self.spec.rank}, alpha {self.spec.alpha:g}{variant}{init}"
+        names = {"dora": "DoRA", "rslora": "rsLoRA", "pissa": "PiSSA init"}
+        return ", ".join([f"LoRA rank {self.spec.rank}, alpha {self.spec.alpha:g}", *(names[f] for f in variant_flags(self.spec))])
 
 
 class FullMethod:

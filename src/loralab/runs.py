@@ -9,6 +9,7 @@ from pathlib import Path
 
 from loralab.errors import ArtifactError
 from loralab.results import Shift, TestResult
+from loralab.spec import variant_flags
 
 METRICS_FILE = "metrics.json"
 ERROR_FILE = "error.txt"  # a failed sweep job's one-line reason
@@ -57,7 +58,7 @@ class Run:
         """Short name of what was trained: "r=4", "r=4 dora", "full", "pretrain"."""
         lora = self.metrics.get("lora")
         if lora:
-            flags = [f for f in ("dora", "rslora") if lora.get(f)] + ([lora["init"]] if lora.get("init") == "pissa" else [])
+            flags = variant_flags(lora)
             if self.metrics.get("config", {}).get("optim", {}).get("loraplus_ratio"):
                 flags.append("lora+")
             return " ".join([f"r={lora['rank']}", *flags])
@@ -130,11 +131,11 @@ def resolve_base(base: str | None, output_root: str | Path, sizes: list[int]) ->
     runs = []
     for metrics_file in Path(output_root).glob(f"**/{METRICS_FILE}"):
         try:
-            metrics = json.loads(metrics_file.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            run = read_run(metrics_file.parent)
+        except ArtifactError:
             continue  # a damaged run is not a candidate base
-        weights = metrics_file.parent / BASE_FILE
-        if metrics.get("stage") == "pretrain" and metrics.get("model", {}).get("sizes") == list(sizes) and weights.exists():
+        weights = run.path / BASE_FILE
+        if run.metrics.get("stage") == "pretrain" and run.metrics.get("model", {}).get("sizes") == list(sizes) and weights.exists():
             runs.append((metrics_file.stat().st_mtime, weights))
     if not runs:
         raise ArtifactError(

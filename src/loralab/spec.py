@@ -134,6 +134,13 @@ class LoRASpec:
         )
 
 
+def variant_flags(settings) -> list[str]:
+    """The variants an adapter's settings (a LoRASpec, or metrics.json's ``lora`` dict) combine:
+    ``["dora", "rslora", "pissa"]``, or none for plain LoRA."""
+    get = settings.get if isinstance(settings, dict) else lambda key: getattr(settings, key, None)
+    return [flag for flag in ("dora", "rslora") if get(flag)] + (["pissa"] if get("init") == "pissa" else [])
+
+
 def match_targets(available: Iterable[str], targets: str | tuple[str, ...]) -> list[str]:
     """Layer names for ``targets``: a list of names, or one regex matched against whole names."""
     available = list(available)
