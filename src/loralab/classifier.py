@@ -100,10 +100,11 @@ class Classifier(L.LightningModule):
     def configure_optimizers(self):
         # Only what is trainable: under LoRA the callback has frozen all but the lora_ parameters.
         trainable = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        adapters = self.hparams.lora is not None
         if self.loraplus_ratio:
-            optimizer = adam(loraplus_groups(trainable, self.lr, self.loraplus_ratio), self.lr)
+            optimizer = adam(loraplus_groups(trainable, self.lr, self.loraplus_ratio), self.lr, fused=adapters)
         else:
-            optimizer = adam([p for _, p in trainable], self.lr)
+            optimizer = adam([p for _, p in trainable], self.lr, fused=adapters)
         if self.scheduler == "none":
             return optimizer
         # Cosine decay to zero over the run: a constant-lr Adam ends wherever its last noisy steps
