@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import re
@@ -159,3 +160,8 @@ def main(hydra_main) -> None:
             raise
         print(f"error: {config_error_line(err)}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        # The work is done and written. Without this, the interpreter's teardown collects every
+        # object torch, Lightning and torchmetrics created at import: about 1 s after each
+        # command's last line (docs/benchmarks.md, section 11). Frozen objects are skipped.
+        gc.freeze()

@@ -56,6 +56,7 @@ def log_hparams(trainer: L.Trainer, cfg: RunConfig, digits: list[int], lora: dic
     for summary in (experiment, session_start, session_end):
         writer.add_summary(summary)
     logger.save()
+    logger.finalize("success")  # closes the file writer the summaries above reopened
     # Lightning writes hparams.yaml once, when fit or test starts and only if it is missing, so it
     # would hold {}: the values are known only now.
     write_text(Path(logger.log_dir) / logger.NAME_HPARAMS_FILE, OmegaConf.to_yaml(entry))
