@@ -38,7 +38,9 @@ from loralab.model import MLP
 from loralab.optim import adam
 from loralab.weights import load_base, save_base
 from seeds_reference import DenseLoRA  # beside this file: a script's directory is on sys.path
+from startup import measure as measure_startup
 
+ROOT = Path(__file__).resolve().parent.parent
 SIZES = [784, 1000, 2000, 10]
 TARGETS = ["linear1", "linear2", "linear3"]
 
@@ -98,7 +100,7 @@ def train_steps(batch_size: int, rank: int, reps: int) -> dict:
     for method in methods:
         model = build("full" if method == "full_default" else method, rank)
         trainable = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.Adam(trainable, lr=1e-3) if method == "full_default" else adam(trainable, 1e-3)
+        opt = torch.optim.Adam(trainable, lr=1e-3) if method == "full_default" else adam(trainable, 1e-3, fused=method != "full")
 
         def step(model=model, opt=opt):
             opt.zero_grad(set_to_none=True)
@@ -122,20 +124,50 @@ def step_fn(model: nn.Module, opt, x: torch.Tensor, y: torch.Tensor):
     return step
 
 
-def floor_steps(batch_size: int, rank: int, reps: int) -> dict:
-    """A LoRA step against the floor no LoRA step can go below (the frozen base's own work), and
-    against PEFT, every method with the stages' foreach Adam; the variants beside plain LoRA."""
+def adapter_products(batch_size: int, rank: int):
+    """The products a LoRA step adds to its floor and cannot skip, each once, in isolation: per
+    adapted layer x A^T and the rank-r update of the output (forward), g B, the gradients of B and
+    A, and the rank-r update of the input gradient (not at linear1, whose input needs none)."""
+    layers = []
+    for n_in, n_out in zip(SIZES, SIZES[1:]):
+        layers.append({"x": torch.randn(batch_size, n_in), "g": torch.randn(batch_size, n_out), "out": torch.randn(batch_size, n_out),
+                       "gx": torch.randn(batch_size, n_in) if n_in != SIZES[0] else None,
+                       "A": torch.randn(rank, n_in), "B": torch.randn(n_out, rank)})
 
+    def products():
+        for t in layers:
+            xa = torch.mm(t["x"], t["A"].t())
+            t["out"].addmm_(xa, t["B"].t())
+            # Each in the orientation MKL runs fastest here (r as the rows of the result).
+            gb_t = torch.mm(t["B"].t().contiguous(), t["g"].t())
+            torch.mm(xa.t(), t["g"])  # B's gradient, transposed
+            torch.mm(gb_t, t["x"])
+            if t["gx"] is not None:
+                t["gx"].addmm_(gb_t.t(), t["A"])
+
+    return products
+
+
+def floor_steps(batch_size: int, rank: int, reps: int) -> dict:
+    """A LoRA step against the floor no LoRA step can go below (the frozen base's own work) and
+    against PEFT, with the Adam the stages give adapters (fused) and, as issue 15 measured, with
+    foreach for every method; the variants beside plain LoRA; and the bound the adapter's own
+    products set: floor + those products, timed alone."""
     x, y = torch.randn(batch_size, 784), torch.randint(0, 10, (batch_size,))
     steps = {}
     for method in ("floor", "loralab", "peft", "dora", "pissa"):
-        model = build(method, rank)
-        steps[method] = step_fn(model, adam([p for p in model.parameters() if p.requires_grad], 1e-3), x, y)
-    medians = interleaved(steps, reps)
-    return {f"{m}_ms": 1000 * t for m, t in medians.items()} | {
-        "loralab_vs_floor": medians["loralab"] / medians["floor"], "peft_vs_floor": medians["peft"] / medians["floor"],
-        "loralab_vs_peft": medians["loralab"] / medians["peft"], "dora_vs_loralab": medians["dora"] / medians["loralab"],
-        "pissa_vs_loralab": medians["pissa"] / medians["loralab"]}
+        for fused in (True, False) if method in ("floor", "loralab", "peft") else (True,):
+            model = build(method, rank)
+            params = [p for p in model.parameters() if p.requires_grad]
+            steps[method + ("" if fused else "_foreach")] = step_fn(model, adam(params, 1e-3, fused=fused), x, y)
+    steps["products"] = adapter_products(batch_size, rank)
+    m = interleaved(steps, reps)
+    return {f"{name}_ms": 1000 * t for name, t in m.items()} | {
+        "loralab_vs_floor": m["loralab"] / m["floor"], "peft_vs_floor": m["peft"] / m["floor"],
+        "loralab_vs_peft": m["loralab"] / m["peft"], "bound_vs_floor": (m["floor"] + m["products"]) / m["floor"],
+        "loralab_foreach_vs_floor_foreach": m["loralab_foreach"] / m["floor_foreach"],
+        "loralab_foreach_vs_peft_foreach": m["loralab_foreach"] / m["peft_foreach"],
+        "dora_vs_loralab": m["dora"] / m["loralab"], "pissa_vs_loralab": m["pissa"] / m["loralab"]}
 
 
 def optimizers(batch_size: int, reps: int) -> dict:
@@ -162,7 +194,7 @@ def lightning_epoch(data_dir: str, batches: int | None, reps: int) -> dict:
 
     def bare():
         model = MLP(SIZES)
-        opt = adam(list(model.parameters()), 1e-3)  # the stages' optimizer
+        opt = adam(list(model.parameters()), 1e-3, fused=False)  # the stages' optimizer for a whole network
         for idx in order:
             opt.zero_grad(set_to_none=True)
             F.cross_entropy(model(train_x[idx]), train_y[idx]).backward()
@@ -229,7 +261,7 @@ def _memory_probe(method: str, queue) -> None:
     torch.set_num_threads(2)
     before = _rss_mb("VmRSS")  # after imports: what follows is the model, its gradients and optimizer
     model = build(method, 1)
-    opt = adam([p for p in model.parameters() if p.requires_grad], 1e-3)
+    opt = adam([p for p in model.parameters() if p.requires_grad], 1e-3, fused=method != "full")
     x, y = torch.randn(64, 784), torch.randint(0, 10, (64,))
     for _ in range(5):
         opt.zero_grad(set_to_none=True)
@@ -276,6 +308,25 @@ def seeds_protocol(data_dir: str) -> dict:
             "loralab_vs_reference": seconds["loralab"] / seconds["reference"]}
 
 
+def floor_and_adam(reps: int, quick: bool) -> dict:
+    results = {}
+    for bs in (10, 64, 256):
+        for rank in (1,) if quick else (1, 4, 10):  # 16 exceeds linear3's 10 outputs, which the config refuses to train
+            results[f"floor_bs{bs}_r{rank}"] = floor_steps(bs, rank, reps)
+        results[f"adam_bs{bs}"] = optimizers(bs, reps)
+    return results
+
+
+def startup_times(data_dir: str, quick: bool) -> dict:
+    """Time to an input error, to the first training step and to exit (benchmarks/startup.py), in
+    the runtime venv `make run` builds (.venv) and in this interpreter's (the dev venv)."""
+    runtime = ROOT / ".venv" / "bin" / "python"
+    trees = {"dev_venv": (ROOT, sys.executable)}
+    if runtime.exists() and not quick:
+        trees = {"runtime_venv": (ROOT, str(runtime))} | trees
+    return measure_startup(trees, data_dir, reps=1 if quick else 5)
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description="loralab benchmarks")
     parser.add_argument("--reps", type=int, default=30)
@@ -285,6 +336,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--protocol", action="store_true", help="also time the seeds' whole protocol (minutes)")
     parser.add_argument("--only-protocol", action="store_true", help="time only the seeds' whole protocol")
     parser.add_argument("--only-floor", action="store_true", help="time only the LoRA step against its floor, and Adam")
+    parser.add_argument("--only-startup", action="store_true", help="time only start-up, in the runtime and the dev venv")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     torch.set_flush_denormal(True)
@@ -292,10 +344,9 @@ def main(argv=None) -> dict:
                            "torch": torch.__version__}, "reps": args.reps}
     if args.only_floor:
         keep_freed_memory()
-        for bs in (10, 64, 256):
-            for rank in (1, 4, 10):  # 16 exceeds linear3's 10 outputs, which the config refuses to train
-                results[f"floor_bs{bs}_r{rank}"] = floor_steps(bs, rank, args.reps)
-            results[f"adam_bs{bs}"] = optimizers(bs, args.reps)
+        results |= floor_and_adam(args.reps, args.quick)
+    elif args.only_startup:
+        results["startup"] = startup_times(args.data_dir, args.quick)
     elif not args.only_protocol:
         # Training steps twice: first with glibc's default allocator, as in a plain PyTorch process,
         # where out-of-place temporaries cost page faults; then, like everything after, the way
@@ -311,6 +362,8 @@ def main(argv=None) -> dict:
         results["inference"] = inference(args.reps)
         results["switching"] = switching(args.reps)
         results["memory"] = memory()
+        results |= floor_and_adam(args.reps, args.quick)
+        results["startup"] = startup_times(args.data_dir, args.quick)
     if args.protocol or args.only_protocol:
         results["seeds_protocol"] = seeds_protocol(args.data_dir)
     write_json(args.out, results)

@@ -16,6 +16,8 @@ def test_bench_writes_valid_json(tmp_path, mnist_dir):
     assert results["switching"]["adapter_bytes"] < 0.003 * results["switching"]["base_bytes"]
     assert results["memory"]["loralab"]["optimizer_state_bytes"] == 2 * 4 * 6794 + 6 * 4  # Adam: two fp32 moments, and a step count per tensor
     assert results["lightning_epoch"]["batches"] == 20
+    startup = results["startup"]["dev_venv"]
+    assert startup["error_s"]["median"] < startup["first_step_s"]["median"] < startup["run_s"]["median"]
 
 
 def test_floor_bench_writes_every_ratio(tmp_path, mnist_dir):
@@ -26,5 +28,16 @@ def test_floor_bench_writes_every_ratio(tmp_path, mnist_dir):
     for bs in (10, 64, 256):
         for rank in (1, 4, 10):
             row = results[f"floor_bs{bs}_r{rank}"]
-            assert {"floor_ms", "loralab_ms", "peft_ms", "loralab_vs_floor", "peft_vs_floor", "loralab_vs_peft"} <= set(row)
+            assert {"floor_ms", "loralab_ms", "peft_ms", "loralab_vs_floor", "peft_vs_floor", "loralab_vs_peft", "bound_vs_floor",
+                    "loralab_foreach_vs_floor_foreach", "loralab_foreach_vs_peft_foreach"} <= set(row)
         assert {"full_fused_vs_foreach", "loralab_fused_vs_foreach"} <= set(results[f"adam_bs{bs}"])
+
+
+def test_startup_timeline_marks_each_stage_in_order(mnist_dir):
+    done = script(ROOT / "benchmarks" / "startup.py", "--data-dir", mnist_dir, "--timeline")
+    assert done.returncode == 0, done.stderr
+    marks = [line.split(" ", 1) for line in done.stdout.splitlines()]
+    assert [what for _, what in marks][:3] == ["interpreter started", "hydra imported", "torch imported"]
+    assert marks[-1][1].startswith("first training step")
+    seconds = [float(t) for t, _ in marks]
+    assert seconds == sorted(seconds) and len(marks) == 7
