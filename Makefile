@@ -10,9 +10,12 @@ DATA ?= data
 
 .PHONY: install data run test bench clean
 
-# $(call env,DIR,EXTRAS): a venv in DIR with the project installed editable, with EXTRAS.
+# $(call env,DIR,EXTRAS): a venv in DIR with the project installed editable, with EXTRAS. Built
+# afresh whenever pyproject.toml or the constraints change: pip never removes a package the
+# project stopped depending on, and every command would go on paying for its import.
 define env
-	test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
+	rm -rf $(1)
+	$(PYTHON) -m venv $(1)
 	$(1)/bin/python -m pip install -q --upgrade pip
 	# The constraints pin torch 2.14.1 / torchvision 0.29.1: that pair installs from local disk here.
 	$(1)/bin/python -m pip install -q -c constraints.txt -e '.$(2)'
@@ -27,8 +30,10 @@ $(DEV_VENV)/.installed-stamp: pyproject.toml constraints.txt
 
 install: $(VENV)/.installed-stamp
 
+MNIST = $(1)/bin/python -m loralab.mnist $(DATA)
+
 data: $(VENV)/.installed-stamp
-	$(VENV)/bin/python -m loralab.mnist $(DATA)
+	$(call MNIST,$(VENV))
 
 run: data
 	$(VENV)/bin/python train.py stage=pretrain
@@ -36,13 +41,13 @@ run: data
 	$(VENV)/bin/python scripts/report.py $$(ls -d outputs/finetune-sweep/*/ | tail -n 1)
 
 test: $(DEV_VENV)/.installed-stamp
-	$(DEV_VENV)/bin/python -m loralab.mnist $(DATA)
+	$(call MNIST,$(DEV_VENV))
 	$(DEV_VENV)/bin/ruff check src tests benchmarks scripts train.py
 	LORALAB_DATA_DIR=$(abspath $(DATA)) $(DEV_VENV)/bin/python -m pytest
 
 bench: $(DEV_VENV)/.installed-stamp
-	$(DEV_VENV)/bin/python -m loralab.mnist $(DATA)
-	$(DEV_VENV)/bin/python benchmarks/bench.py --data-dir $(DATA) --out docs/bench.json
+	$(call MNIST,$(DEV_VENV))
+	$(DEV_VENV)/bin/python benchmarks/bench.py --reps 40 --data-dir $(DATA) --out docs/bench.json
 
 clean:
 	rm -rf outputs/*/ multirun .pytest_cache

@@ -38,9 +38,9 @@ from loralab.model import MLP
 from loralab.optim import adam
 from loralab.weights import load_base, save_base
 from seeds_reference import DenseLoRA  # beside this file: a script's directory is on sys.path
+from startup import ROOT
 from startup import measure as measure_startup
 
-ROOT = Path(__file__).resolve().parent.parent
 SIZES = [784, 1000, 2000, 10]
 TARGETS = ["linear1", "linear2", "linear3"]
 
@@ -100,6 +100,7 @@ def train_steps(batch_size: int, rank: int, reps: int) -> dict:
     for method in methods:
         model = build("full" if method == "full_default" else method, rank)
         trainable = [p for p in model.parameters() if p.requires_grad]
+        # As the stages choose: fused Adam for adapters, foreach for the whole network.
         opt = torch.optim.Adam(trainable, lr=1e-3) if method == "full_default" else adam(trainable, 1e-3, fused=method != "full")
 
         def step(model=model, opt=opt):
@@ -178,7 +179,7 @@ def optimizers(batch_size: int, reps: int) -> dict:
         for kind in ("foreach", "fused"):
             model = build(method, 4)
             params = [p for p in model.parameters() if p.requires_grad]
-            steps[f"{method}_{kind}"] = step_fn(model, torch.optim.Adam(params, lr=1e-3, **{kind: True}), x, y)
+            steps[f"{method}_{kind}"] = step_fn(model, adam(params, 1e-3, fused=kind == "fused"), x, y)
     medians = interleaved(steps, reps)
     return {f"{m}_ms": 1000 * t for m, t in medians.items()} | {
         f"{m}_fused_vs_foreach": medians[f"{m}_fused"] / medians[f"{m}_foreach"] for m in ("full", "loralab")}

@@ -87,7 +87,7 @@ def orientations(reps: int) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="issue 15's levers for the LoRA step")
     parser.add_argument("--reps", type=int, default=30)
-    parser.add_argument("--compile", action="store_true", help="also torch.compile (minutes of compiling)")
+    parser.add_argument("--compile", action="store_true", help="also torch.compile (about 10 s of compiling, more on a cold cache)")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     torch.set_flush_denormal(True)

@@ -1,6 +1,10 @@
-"""Smoke test of the benchmark: it runs at tiny size and writes valid JSON. No timing is asserted."""
+"""Smoke tests of the benchmarks: they run at tiny size and write valid JSON. No speed is asserted,
+only that the figures are there, and in the order one process's phases must come."""
 
 import json
+from importlib import metadata
+
+from packaging.requirements import Requirement
 
 from conftest import ROOT, script
 
@@ -41,3 +45,14 @@ def test_startup_timeline_marks_each_stage_in_order(mnist_dir):
     assert marks[-1][1].startswith("first training step")
     seconds = [float(t) for t, _ in marks]
     assert seconds == sorted(seconds) and len(marks) == 7
+
+
+def test_the_runtime_environment_leaves_out_what_torchmetrics_would_import():
+    """`make run`'s .venv installs the project's dependencies without extras; torchmetrics imports
+    transformers, scipy and torchvision whenever they are installed, about 2 s per command
+    (docs/benchmarks.md section 11), so the project's own dependencies name none of them nor what
+    pulls them in (peft, optuna)."""
+    runtime = [Requirement(r) for r in metadata.requires("loralab") if "extra ==" not in r]
+    names = {r.name.lower() for r in runtime}
+    assert {"torch", "lightning", "torchmetrics", "hydra-core"} <= names
+    assert not names & {"peft", "transformers", "scipy", "optuna", "torchvision", "hydra-optuna-sweeper", "pytest"}

@@ -100,11 +100,11 @@ class Classifier(L.LightningModule):
     def configure_optimizers(self):
         # Only what is trainable: under LoRA the callback has frozen all but the lora_ parameters.
         trainable = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
-        adapters = self.hparams.lora is not None
+        trains_adapters = self.hparams.lora is not None  # fused Adam for adapters: loralab.optim.adam says why
         if self.loraplus_ratio:
-            optimizer = adam(loraplus_groups(trainable, self.lr, self.loraplus_ratio), self.lr, fused=adapters)
+            optimizer = adam(loraplus_groups(trainable, self.lr, self.loraplus_ratio), self.lr, fused=trains_adapters)
         else:
-            optimizer = adam([p for _, p in trainable], self.lr, fused=adapters)
+            optimizer = adam([p for _, p in trainable], self.lr, fused=trains_adapters)
         if self.scheduler == "none":
             return optimizer
         # Cosine decay to zero over the run: a constant-lr Adam ends wherever its last noisy steps

@@ -161,7 +161,9 @@ def main(hydra_main) -> None:
         print(f"error: {config_error_line(err)}", file=sys.stderr)
         sys.exit(2)
     finally:
-        # The work is done and written. Without this, the interpreter's teardown collects every
-        # object torch, Lightning and torchmetrics created at import: about 1 s after each
-        # command's last line (docs/benchmarks.md, section 11). Frozen objects are skipped.
+        # Whatever the outcome, nothing runs after this but the interpreter's teardown, whose
+        # final collection of everything torch, Lightning and torchmetrics created at import took
+        # about 1 s after each command's last line (docs/benchmarks.md, section 11). Frozen
+        # objects are skipped, so nothing may rely on a collection at exit: every writer is
+        # closed explicitly before this point.
         gc.freeze()

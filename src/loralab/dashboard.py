@@ -55,8 +55,7 @@ def log_hparams(trainer: L.Trainer, cfg: RunConfig, digits: list[int], lora: dic
     writer = logger.experiment._get_file_writer()
     for summary in (experiment, session_start, session_end):
         writer.add_summary(summary)
-    logger.save()
-    logger.finalize("success")  # closes the file writer the summaries above reopened
+    logger.finalize("success")  # flushes and closes the file writer the summaries above reopened
     # Lightning writes hparams.yaml once, when fit or test starts and only if it is missing, so it
     # would hold {}: the values are known only now.
     write_text(Path(logger.log_dir) / logger.NAME_HPARAMS_FILE, OmegaConf.to_yaml(entry))
