@@ -188,7 +188,8 @@ class Classifier(L.LightningModule):
         of the frozen base (kilobytes, not 11 MB); no checkpoint keeps the frozen distillation copy."""
         state = checkpoint["state_dict"]
         if lora_layers(self.model):
-            checkpoint["base_sha256"] = fingerprint(self.model)
+            # The fine-tune records the frozen base's fingerprint once; hash only without it.
+            checkpoint["base_sha256"] = self.hparams.base_sha256 or fingerprint(self.model)
             checkpoint["state_dict"] = {k: v for k, v in state.items() if is_lora_name(k)}
         else:
             checkpoint["state_dict"] = {k: v for k, v in state.items() if not k.startswith("frozen_base.")}

@@ -63,7 +63,7 @@ class LoRAMethod:
             return test("test_base")
 
     def save(self, model: nn.Module, run_dir: Path, cfg: RunConfig) -> dict[str, Path]:
-        return save_adapter(model, run_dir, list(cfg.sizes))
+        return save_adapter(model, run_dir, list(cfg.sizes), self.base_sha256)  # base_unchanged has confirmed it
 
     def summary(self) -> dict:
         return self.spec.to_dict()
