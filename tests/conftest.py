@@ -12,10 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
 from torch import nn
 
-from loralab.cli import configure_process
-from loralab.config import check_config
+from loralab.cli import config_error_line, configure_process
+from loralab.config import Job, load_job
+from loralab.errors import ConfigError
 from loralab.lora import is_lora_name
 from loralab.mnist import ensure_mnist
 from loralab.stages import run_stage
@@ -52,12 +54,22 @@ def make_cfg(overrides: list[str], output_root: Path):
     return cfg
 
 
+def load(overrides: list[str], output_root: Path) -> Job:
+    """The typed settings of ``overrides``, checked as the CLI checks them: a value Hydra refuses
+    while composing is a ConfigError with the CLI's one line too."""
+    try:
+        cfg = make_cfg(overrides, output_root)
+    except HydraException as err:
+        raise ConfigError(config_error_line(err, overrides, CONF)) from None
+    return load_job(cfg)
+
+
 def run(overrides: list[str], output_root: Path, name: str) -> tuple[dict, Path]:
     """A stage in this process, validated as the CLI validates it."""
-    cfg = make_cfg(overrides, output_root)
+    job = load(overrides, output_root)
     run_dir = output_root / name
     run_dir.mkdir(parents=True)
-    return run_stage(check_config(cfg), run_dir), run_dir
+    return run_stage(job, run_dir), run_dir
 
 
 def env_with_data(env: dict | None = None) -> dict:

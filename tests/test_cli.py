@@ -15,7 +15,7 @@ from conftest import SLICE, assert_one_line_error, train_py, tree_digest
         (["stage=finetune", "lora.rank=0"], ["lora.rank=0"]),
         (["data.digits=[1,1]"], ["data.digits", "once"]),
         (["stage=finetune", "base=/nonexistent/run"], ["base=/nonexistent/run does not exist"]),
-        (["lora.rank=4"], ["lora.rank=4 is read only by stage=finetune", "stage=pretrain run would ignore it"]),  # not a minute of pretraining
+        (["lora.rank=4"], ["lora.rank=4 is read only by stage=finetune", "stage=pretrain run has no such setting"]),  # not a minute of pretraining
         # Lightning's own rules, as one line: a ValueError at construction, a ZeroDivisionError
         # it would raise mid-fit (after writing events and hparams.yaml), a TypeError.
         (["stage=finetune", "trainer.precision=bogus"], ["trainer.precision='bogus' is invalid"]),
@@ -70,8 +70,8 @@ def test_bad_base_files(tmp_path, pretrained):
         (["digits=ten"], ["digits=ten", "all, auto, nine, weak"]),
         (["lora=qlora", "stage=finetune"], ["lora=qlora", "peft, seeds"]),
         (["experiment=no_forgeting"], ["experiment=no_forgeting", "no_forgetting"]),  # a typo never runs the default
-        (["lora.rnk=4"], ["lora.rnk", "not in struct"]),
-        (["eval.merge=true"], ["eval.merge is read only by stage=eval", "add stage=eval"]),  # its section comes with the stage
+        (["lora.rnk=4"], ["lora.rnk=4 is not a setting"]),
+        (["eval.merge=true"], ["eval.merge=true is read only by stage=eval", "add stage=eval"]),  # its section comes with the stage
         (["lora.rank=[1"], ["does not parse"]),
         (["hydra/launcher=slurm", "stage=finetune", "-m"], ["needs a SLURM cluster", "submitit_local"]),
     ],

@@ -1,10 +1,15 @@
-"""Every bad config value is caught by one validation step, before any data or training."""
+"""Every bad config value is caught by the schema, while Hydra composes it or when it becomes the
+stage's typed settings, before any data or training."""
+
+import time
+from dataclasses import fields, is_dataclass
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
-from conftest import make_cfg
-from loralab.config import check_config
+from conftest import CONF, load, make_cfg
+from loralab.config import SCHEMAS, FinetuneSettings, PretrainSettings, load_job
 from loralab.errors import ConfigError
 
 BAD = [
@@ -36,59 +41,131 @@ BAD = [
     (["accelerator=ddp", "trainer.strategy=ddp"], "use accelerator=ddp"),
     (["accelerator=ddp", "trainer.devices=3"], "divide evenly among trainer.devices=3"),
     (["accelerator=ddp", "trainer.devices=0"], "trainer.devices=0"),
+    (["seed=-1"], "seed=-1 is invalid: expected an integer ≥ 0"),
+    (["data.batch_size=abc"], "data.batch_size='abc' is invalid: expected an integer ≥ 1"),
+    (["stage=finetune", "optim.loraplus_ratio=abc"], "optim.loraplus_ratio='abc' is invalid: expected a number > 0 (or null)"),
+    (["digits=auto"], "needs stage=finetune"),
+    (["stage=finetune", "data.auto_k=10"], "data.auto_k=10 is invalid: expected an integer from 1 to 9"),
+    (["stage.name=eval"], "stage.name='eval' does not match"),
 ]
 
 
 @pytest.mark.parametrize("overrides, message", BAD, ids=[" ".join(o) for o, _ in BAD])
 def test_bad_value_is_one_clear_line(overrides, message, tmp_path):
-    cfg = make_cfg(overrides, tmp_path)
     with pytest.raises(ConfigError) as err:
-        check_config(cfg)
+        load(overrides, tmp_path)
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
 def test_gpu_without_gpu(tmp_path):
-    import torch
-
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     with pytest.raises(ConfigError, match="no CUDA GPU"):
-        check_config(make_cfg(["accelerator=gpu"], tmp_path))
+        load(["accelerator=gpu"], tmp_path)
 
 
-@pytest.mark.parametrize("overrides", [[], ["stage=finetune"], ["stage=finetune", "digits=weak", "lora=peft"], ["model=small_mlp"]])
-def test_shipped_configs_are_valid(overrides, tmp_path):
-    check_config(make_cfg(overrides, tmp_path))
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
-IGNORED = [
-    (["lora.rank=4"], "lora.rank=4 is read only by stage=finetune, so this stage=pretrain run would ignore it; add stage=finetune"),
+# Every option of every group, each with the stage it belongs to (an experiment brings its own).
+SHIPPED = ([[f"model={o}"] for o in options("model")] + [[f"digits={o}", "stage=finetune"] for o in options("digits")]
+           + [[f"lora={o}", "stage=finetune"] for o in options("lora")] + [[f"variant={o}", "stage=finetune"] for o in options("variant")]
+           + [[f"accelerator={o}"] for o in options("accelerator") if o != "gpu"] + [[f"stage={o}"] for o in options("stage")]
+           + [[f"experiment={o}"] for o in options("experiment") if o != "optuna"])
+
+
+@pytest.mark.parametrize("overrides", SHIPPED, ids=[" ".join(o) for o in SHIPPED])
+def test_every_shipped_config_is_valid(overrides, tmp_path):
+    job = load(overrides, tmp_path)
+    assert type(job.settings) is SCHEMAS[job.settings.stage.name]
+
+
+def test_every_option_of_every_group_is_composed():
+    """SHIPPED leaves out only what this machine cannot run: accelerator=gpu (no CUDA here; its
+    refusal is test_gpu_without_gpu) and experiment=optuna (a sweeper: its jobs run in
+    tests/test_scale.py)."""
+    groups = [p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra"]
+    composed = {o for overrides in SHIPPED for o in overrides if o.split("=")[0] in groups}
+    assert {f"{g}={o}" for g in groups for o in options(g)} - composed == {"accelerator=gpu", "experiment=optuna"}
+
+
+def test_optuna_experiment_composes_for_its_sweep(tmp_path):
+    """Its sweeper is Hydra's plugin: composed here as a job of it would be, one trial's values."""
+    job = load(["experiment=optuna", "lora.rank=4", "lora.alpha=16.0", "optim.lr=0.001", "data.replay=0.3"], tmp_path)
+    assert (job.settings.lora.rank, job.settings.data.replay) == (4, 0.3)
+
+
+def test_settings_are_frozen_records(tmp_path):
+    settings = load(["stage=finetune"], tmp_path).settings
+    assert isinstance(settings, FinetuneSettings) and settings.lora.targets == ("linear1", "linear2", "linear3")
+    with pytest.raises(AttributeError):
+        settings.lora.rank = 3
+
+
+def test_the_schema_holds_every_default(tmp_path):
+    """conf/config.yaml holds presets and Hydra's own settings, no value: the defaults are the
+    schema's, so the plain pretrain config is the schema's defaults less what stage=pretrain sets."""
+    assert set(OmegaConf.load(CONF / "config.yaml")) == {"defaults", "hydra"}
+    composed = load([], tmp_path).settings
+    assert composed.optim.scheduler == "cosine" and PretrainSettings().optim.scheduler == "none"
+    assert composed.data == PretrainSettings().data and composed.seed == PretrainSettings().seed
+
+
+def test_config_check_takes_well_under_a_second(tmp_path):
+    """Composing and typing a fine-tune's settings (Lightning's dry fit aside, timed with the CLI
+    in docs/benchmarks.md): the schema adds no noticeable time to a run's start."""
+    cfg = make_cfg(["stage=finetune", "lora.rank=4"], tmp_path)
+    start = time.perf_counter()
+    OmegaConf.to_object(cfg)
+    assert time.perf_counter() - start < 0.5
+
+
+MISPLACED = [
+    (["lora.rank=4"], "lora.rank=4 is read only by stage=finetune, so this stage=pretrain run has no such setting; add stage=finetune"),
+    (["+lora.rank=4"], "+lora.rank is read only by stage=finetune"),
     (["variant=dora"], "variant=dora is read only by stage=finetune"),
-    (["lora=peft", "data.replay=0.2"], "add stage=finetune, or drop lora=peft (1 more such override)"),
+    (["lora=peft", "data.replay=0.2"], "add stage=finetune, or drop lora=peft"),
     (["optim.loraplus_ratio=16"], "optim.loraplus_ratio=16 is read only by stage=finetune"),
     (["base=outputs/pretrain/x"], "read only by stage=finetune and stage=eval, so this stage=pretrain run"),
-    (["stage=eval", "resume=outputs/x"], "resume=outputs/x is read only by stage=pretrain and stage=finetune, so this stage=eval run would ignore it; run one of those stages"),
+    (["stage=eval", "resume=outputs/x"], "resume=outputs/x is read only by stage=pretrain and stage=finetune, so this stage=eval run has no such setting; run one of those stages"),
     (["stage=eval", "optim.lr=0.1"], "optim.lr=0.1 is read only by stage=pretrain and stage=finetune"),
     (["experiment=seeds_pretrain", "lora.alpha=4"], "lora.alpha=4 is read only by stage=finetune, so this stage=pretrain run"),
+    (["stage=finetune", "lora.rnk=4"], "lora.rnk=4 is not a setting: lora has no key 'rnk'; its keys are rank, alpha, targets"),
+    (["stage=finetune", "+lora.rnk=4"], "+lora.rnk is not a setting: lora has no key 'rnk'"),
 ]
 
 
-@pytest.mark.parametrize("overrides, message", IGNORED, ids=[" ".join(o) for o, _ in IGNORED])
-def test_override_the_stage_ignores_is_refused(overrides, message, tmp_path):
+@pytest.mark.parametrize("overrides, message", MISPLACED, ids=[" ".join(o) for o, _ in MISPLACED])
+def test_a_key_the_stage_does_not_have_is_refused(overrides, message, tmp_path):
     with pytest.raises(ConfigError) as err:
-        check_config(make_cfg(overrides, tmp_path), overrides)
+        load(overrides, tmp_path)
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize("overrides", [["stage=finetune", "lora.rank=4", "variant=dora", "base=x"], ["experiment=seeds", "lora.rank=4"],
                                        ["stage=eval", "base=x", "eval.merge=true"], ["stage=pretrain", "optim.lr=0.01", "resume=x"]])
-def test_override_the_stage_reads_is_accepted(overrides, tmp_path):
-    check_config(make_cfg(overrides, tmp_path), overrides)
+def test_a_key_the_stage_has_is_accepted(overrides, tmp_path):
+    load(overrides, tmp_path)
 
 
-def test_experiment_values_are_not_overrides(tmp_path):
+def test_experiment_values_are_the_stages_own(tmp_path):
     """experiment=no_forgetting sets lora.*, data.replay and optim.lr for its own stage."""
-    assert check_config(make_cfg(["experiment=no_forgetting"], tmp_path), ["experiment=no_forgetting"]).lora.rank == 8
+    assert load(["experiment=no_forgetting"], tmp_path).settings.lora.rank == 8
+
+
+def test_each_setting_is_one_field_with_its_rule():
+    """Every scalar setting of every stage is a schema field, and every number has its range there."""
+    def leaves(schema, prefix=""):
+        for f in fields(schema):
+            value = f.default_factory() if callable(f.default_factory) else f.default
+            if is_dataclass(value):
+                yield from leaves(type(value), f"{prefix}{f.name}.")
+            else:
+                yield f"{prefix}{f.name}", f, value
+    unruled = {key for schema in SCHEMAS.values() for key, f, value in leaves(schema)
+               if isinstance(value, (int, float)) and not isinstance(value, bool) and "rule" not in f.metadata}
+    assert unruled == set()
 
 
 TRAINER_BAD = [
@@ -109,22 +186,21 @@ TRAINER_BAD = [
 @pytest.mark.parametrize("overrides, message", TRAINER_BAD, ids=[" ".join(o) for o, _ in TRAINER_BAD])
 def test_bad_trainer_value_is_one_line_from_lightning(overrides, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the throwaway Trainer must write nothing, here or anywhere
-    cfg = make_cfg(overrides, tmp_path / "outputs")
     with pytest.raises(ConfigError) as err:
-        check_config(cfg)
+        load(overrides, tmp_path / "outputs")
     assert message in str(err.value) and "\n" not in str(err.value)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_trainer_check_leaves_the_process_as_it_was(tmp_path):
-    """check_config runs before seed_everything, but the dry fit must not move torch's RNG or
+    """load_job runs before seed_everything, but the dry fit must not move torch's RNG or
     flags anyway: the run that follows is the one it would have been."""
     from loralab.trainer_args import check_trainer_args
 
     expected = torch.manual_seed(0) and torch.rand(3)
     torch.manual_seed(0)
     flags = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark)
-    check_config(make_cfg(["stage=finetune", "trainer.deterministic=true"], tmp_path))
+    load_job(make_cfg(["stage=finetune", "trainer.deterministic=true"], tmp_path))
     assert torch.equal(torch.rand(3), expected)
     assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark) == flags
     # What only the data decides: validation every 25 batches of a 5-batch epoch.

@@ -6,8 +6,7 @@ import json
 
 import pytest
 
-from conftest import ROOT, SLICE, make_cfg, script, train_py
-from loralab.config import check_config
+from conftest import ROOT, SLICE, load, script, train_py
 from loralab.errors import ConfigError
 
 
@@ -65,4 +64,4 @@ def test_pissa_records_the_rank_it_trained_and_saves_twice_that(variants_sweep):
 ])
 def test_combinations_that_make_no_sense_are_refused(overrides, message, tmp_path):
     with pytest.raises(ConfigError, match=message):
-        check_config(make_cfg(overrides, tmp_path))
+        load(overrides, tmp_path)

@@ -9,7 +9,7 @@ import re
 import shutil
 import signal
 import sys
-from dataclasses import replace
+from dataclasses import fields, is_dataclass
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
@@ -17,12 +17,12 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
-from loralab.config import check_config
+from loralab.config import SCHEMAS, Settings, invalid, load_job, unknown_key
 from loralab.console import quiet_warnings, use_hydra_handlers
-from loralab.errors import ArtifactError, LoralabError
+from loralab.errors import LoralabError
 from loralab.files import write_text
-from loralab.overrides import ignored_by_stage
 from loralab.runs import ERROR_FILE, METRICS_FILE
 
 log = logging.getLogger(__name__)
@@ -81,16 +81,14 @@ def run_job(cfg: DictConfig) -> float | None:
     if not cfg.get("verbose"):
         quiet_warnings()
     try:
-        settings = replace(check_config(cfg, hydra_cfg.overrides.task), sweep=swept_values(hydra_cfg) if multirun else {})
-        if (run_dir / METRICS_FILE).exists():
-            raise ArtifactError(f"{run_dir} already holds a finished run ({METRICS_FILE}); choose another hydra.run.dir")
+        job = load_job(cfg, swept_values(hydra_cfg) if multirun else {})
         # Imported once the config is known good: Lightning and torchmetrics take seconds to
         # import, and a typo should cost one line, not that wait.
         from loralab.stages import run_stage
 
         use_hydra_handlers()  # now that Lightning is imported and has added its own
         configure_process(cfg.flush_denormal)
-        metrics = run_stage(settings, run_dir)
+        metrics = run_stage(job, run_dir)
     except SystemExit as exit_:
         from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -117,20 +115,55 @@ def run_job(cfg: DictConfig) -> float | None:
     return metrics.get("objective", metrics["test"]["acc"])
 
 
-def stage_section_missing(err: HydraException) -> str | None:
-    """`eval.merge=true` without stage=eval does not compose: the eval section comes with its
-    stage. Say which stage the key needs, rather than Hydra's hint to append it with +."""
-    overridden = re.match(r"Could not override '([^']+)'", str(err))
-    missing = re.match(r"Key '([^']+)' is not in struct", str(err.__cause__ or ""))
-    if overridden and missing and overridden[1].startswith(f"{missing[1]}."):
-        return ignored_by_stage(overridden[1], None, overridden[1])
+def root_schema(node) -> type[Settings] | None:
+    """The stage settings class at the root of the config ``node`` belongs to."""
+    root = node._get_root() if node is not None else None
+    schema = OmegaConf.get_type(root) if root is not None else None
+    return schema if schema in SCHEMAS.values() else None
+
+
+def stage_of(overrides: list[str]) -> str:
+    """The stage a command line asks for (the config's default, pretrain, without one)."""
+    return next((o.split("=", 1)[1] for o in reversed(overrides) if o.startswith("stage=")), "pretrain")
+
+
+def stage_groups(conf: Path, stage: str) -> set[str]:
+    """The config groups stage=``stage`` brings in its own defaults list (finetune: lora, variant)."""
+    path = conf / "stage" / f"{stage}.yaml"
+    defaults = OmegaConf.load(path).get("defaults", []) if path.is_file() else []
+    return {str(k).removeprefix("override ").lstrip("/") for d in defaults if isinstance(d, DictConfig) for k in d}
+
+
+def composition_error(err: HydraException, overrides: list[str], conf: Path) -> str | None:
+    """A value Hydra refused while composing, in the schema's words: a key the stage does not
+    have (stage=pretrain lora.rank=4, lora.rnk=4), a group it does not have (variant=dora), or a
+    value of the wrong type (lora.alpha=abc)."""
+    cause, message = err.__cause__, str(err)
+    if isinstance(cause, ValidationError) and cause.full_key:
+        schema = cause.object_type if isinstance(cause.object_type, type) else None
+        name = cause.full_key.rpartition(".")[2]
+        rule = next((f.metadata.get("rule") for f in fields(schema) if f.name == name), None) if schema and is_dataclass(schema) else None
+        return str(invalid(cause.full_key, cause.value, rule.expected if rule else str(cause).splitlines()[0]))
+    overridden = re.match(r"Could not override '([^']+)'\.( No match in the defaults list)?", message)
+    if not overridden:
+        return None
+    key, written = overridden[1], next((o for o in overrides if o.lstrip("+~").split("=")[0] == overridden[1]), overridden[1])
+    schema = root_schema(getattr(cause, "parent_node", None))
+    stage = schema.STAGE if schema else stage_of(overrides)
+    if overridden[2]:  # a config group: lora and variant come with stage=finetune's defaults
+        owners = [s for s in SCHEMAS if s != stage and key in stage_groups(conf, s) - stage_groups(conf, stage)]
+        if not owners:
+            return None
+        return f"{written} is read only by {' and '.join(f'stage={s}' for s in owners)}, so this stage={stage} run has no such setting; add stage={owners[0]}, or drop {written}"
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)):
+        return str(unknown_key(key, stage, written))
     return None
 
 
-def config_error_line(err: HydraException) -> str:
+def config_error_line(err: HydraException, overrides: list[str], conf: Path) -> str:
     """Hydra's composition errors span several lines; users get one."""
-    if stage_hint := stage_section_missing(err):
-        return stage_hint
+    if line := composition_error(err, overrides, conf):
+        return line
     if isinstance(err, MissingConfigException) and err.missing_cfg_file and err.options:
         group, _, name = err.missing_cfg_file.rpartition("/")
         return f"{group}={name} is not a config in conf/{group}/; choose one of: {', '.join(sorted(err.options))}"
@@ -143,8 +176,9 @@ def config_error_line(err: HydraException) -> str:
     return ": ".join(parts) + (f" ({hint[0].lower()}{hint[1:]})" if hint else "")
 
 
-def main(hydra_main) -> None:
-    """Run ``hydra_main``; a config that does not compose ends in one ``error:`` line, exit 2."""
+def main(hydra_main, conf: Path) -> None:
+    """Run ``hydra_main``, whose configs are in ``conf``; a config that does not compose ends in
+    one ``error:`` line, exit 2."""
     # Without this, Hydra prints its own multi-line report and exits 1 before we see the error.
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     args = sys.argv[1:]
@@ -158,7 +192,7 @@ def main(hydra_main) -> None:
     except HydraException as err:
         if "debug=true" in args:  # no config was composed to read debug from
             raise
-        print(f"error: {config_error_line(err)}", file=sys.stderr)
+        print(f"error: {config_error_line(err, args, conf)}", file=sys.stderr)
         sys.exit(2)
     finally:
         # Whatever the outcome, nothing runs after this but the interpreter's teardown, whose

@@ -1,154 +1,236 @@
-"""The run's settings: Hydra composes them, ``check_config`` validates them once, before any data,
-training or file writing, and returns a typed ``RunConfig`` that the stages take as it is.
+"""The run's settings, defined once. Each key's type, default and allowed values are a field of
+the dataclasses below; each stage's settings are one root class, registered in Hydra's ConfigStore
+as ``schema/<stage>``, which conf/config.yaml puts first in its defaults (``schema: ${stage}``).
+So Hydra types every value as it composes, and a key the chosen stage does not have
+(``stage=pretrain lora.rank=4``) fails in composition. The YAML files hold only the presets users
+pick; the defaults are here. ``load_job`` turns the composed config into these frozen
+objects, which runs every range and cross-field check, then Lightning's own check of ``trainer.*``.
 
-Each problem is reported as one line naming the field, the bad value and what is allowed.
+Torch-free: a bad value costs one line, not torch's import.
 """
 
 from __future__ import annotations
 
-import math
-import numbers
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
+import typing
+from dataclasses import dataclass, fields, is_dataclass
+from typing import Any, ClassVar
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
 
 from loralab.errors import ConfigError
 from loralab.layout import layer_shapes
-from loralab.overrides import check_overrides
+from loralab.rules import Checked, Rule, invalid, setting
 from loralab.spec import LoRASpec, match_targets
 
-STAGES = ("pretrain", "finetune", "eval")
-SCHEDULERS = ("none", "cosine")
-METHODS = ("lora", "full")
+# Keys that say where things are or how a run is shown, not what it computes: a resumed run may
+# change them, and a sweep's job directories are not named after them (conf/config.yaml).
+INCIDENTAL = ("output_root", "data_dir", "base", "resume", "debug", "verbose", "trainer.enable_progress_bar")
 
-@dataclass(frozen=True)
-class DataConfig:
-    digits: tuple[int, ...] | None  # None: digits=auto, the base's worst auto_k digits
-    auto_k: int
-    batch_size: int
-    eval_batch_size: int
-    val_size: int
-    replay: float
+# Lightning's own defaults where they serve; trainer.* is checked by Lightning's rules (trainer_args).
+TRAINER = {
+    "max_epochs": 3, "max_steps": -1, "val_check_interval": 1.0, "check_val_every_n_epoch": 1, "log_every_n_steps": 50,
+    "num_sanity_val_steps": 0, "deterministic": True, "enable_progress_bar": True, "enable_model_summary": False,
+    "fast_dev_run": False, "limit_train_batches": None, "limit_val_batches": None, "limit_test_batches": None,
+}
 
 
 @dataclass(frozen=True)
-class RunConfig:
-    stage: str
-    model_name: str
-    sizes: tuple[int, ...]
-    data: DataConfig
-    lr: float
-    scheduler: str
-    seed: int
-    data_dir: str
-    output_root: str
-    trainer: dict[str, Any]  # lightning.Trainer keyword arguments
-    source: DictConfig  # the composed config, as metrics.json records it
-    method: str = "lora"
-    lora: LoRASpec | None = None  # set for a LoRA fine-tune only
-    distill: float = 0.0
-    loraplus_ratio: float | None = None
-    base: str | None = None
+class StageConfig(Checked):
+    KEY: ClassVar[str] = "stage"
+    name: str = "pretrain"
+
+
+@dataclass(frozen=True)
+class ModelConfig(Checked):
+    KEY: ClassVar[str] = "model"
+    name: str = "expensive_mlp"
+    sizes: tuple[int, ...] = (784, 1000, 2000, 10)  # the hkproj/pytorch-lora notebook's ExpensiveNet
+
+    def __post_init__(self):
+        sizes = self.sizes
+        if len(sizes) < 2 or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in sizes):
+            raise invalid("model.sizes", list(sizes), "expected a list of layer sizes like [784, 1000, 2000, 10]")
+        if sizes[0] != 784 or sizes[-1] != 10:
+            raise invalid("model.sizes", list(sizes), "MNIST needs 784 inputs and 10 outputs")
+        object.__setattr__(self, "sizes", tuple(sizes))
+
+
+@dataclass(frozen=True)
+class DataConfig(Checked):
+    KEY: ClassVar[str] = "data"
+    digits: Any = (0, 1, 2, 3, 4, 5, 6, 7, 8, 9)  # a list of digits; a fine-tune may say "auto"
+    batch_size: int = setting(64, Rule(int, low=1))
+    eval_batch_size: int = setting(1000, Rule(int, low=1))
+    val_size: int = setting(5000, Rule(int, low=1, high=59999))  # held out of the 60,000 training images, seeded
+
+    def __post_init__(self):
+        self.check_rules()
+        object.__setattr__(self, "digits", self.check_digits(self.digits))
+
+    def check_digits(self, value) -> tuple[int, ...] | None:
+        if value == "auto":
+            raise invalid("data.digits", value, "digits=auto picks the base model's worst digits, so it needs stage=finetune")
+        if not isinstance(value, (list, tuple)):
+            raise invalid("data.digits", value, "expected a list of digits 0-9, e.g. data.digits=[3,5] or digits=nine")
+        digits = list(value)
+        if not digits:
+            raise invalid("data.digits", digits, "the list is empty; name at least one digit 0-9")
+        for d in digits:
+            if isinstance(d, bool) or not isinstance(d, int) or not 0 <= d <= 9:
+                raise invalid("data.digits", digits, f"{d!r} is not a digit 0-9")
+        if len(set(digits)) != len(digits):
+            raise invalid("data.digits", digits, "each digit may appear once")
+        return tuple(sorted(digits))
+
+
+@dataclass(frozen=True)
+class FinetuneData(DataConfig):
+    auto_k: int = setting(1, Rule(int, low=1, high=9))  # digits=auto: how many of the base's worst digits
+    replay: float = setting(0.0, Rule(float, low=0, high=1, high_open=True))  # share of each batch from the other digits
+
+    def check_digits(self, value) -> tuple[int, ...] | None:
+        return None if value == "auto" else super().check_digits(value)
+
+
+@dataclass(frozen=True)
+class OptimConfig(Checked):
+    KEY: ClassVar[str] = "optim"
+    lr: float = setting(1e-3, Rule(float, low=0, low_open=True))
+    scheduler: str = setting("none", Rule(str, choices=("none", "cosine")))  # cosine: decay to zero over the run
+
+
+@dataclass(frozen=True)
+class FinetuneOptim(OptimConfig):
+    # LoRA+ (Hayou et al., 2024): B matrices (and DoRA magnitudes) learn this many times faster; the paper suggests 16.
+    loraplus_ratio: float | None = setting(None, Rule(float, low=0, low_open=True, optional=True))
+
+
+@dataclass(frozen=True)
+class FinetuneConfig(Checked):
+    KEY: ClassVar[str] = "finetune"
+    method: str = setting("lora", Rule(str, choices=("lora", "full")))  # full: every parameter trained, the baseline
+    distill: float = setting(0.0, Rule(float, low=0))  # weight of KL(base || model) on replayed images
+
+
+@dataclass(frozen=True)
+class EvalConfig(Checked):
+    KEY: ClassVar[str] = "eval"
+    adapters: tuple[str, ...] = ()  # adapter directories, tested one after the other on the same base
+    merge: bool = setting(False, Rule(bool))  # merge each adapter into the weights before testing it
+
+
+@dataclass(frozen=True)
+class Settings(Checked):
+    """What every stage reads. A stage's root class adds its own nodes."""
+
+    STAGE: ClassVar[str] = ""
+    stage: StageConfig = setting(factory=StageConfig)
+    model: ModelConfig = setting(factory=ModelConfig)
+    data: DataConfig = setting(factory=DataConfig)
+    trainer: dict[str, Any] = setting(factory=lambda: dict(TRAINER))  # lightning.Trainer's keyword arguments
+    seed: int = setting(0, Rule(int, low=0))
+    data_dir: str = "${oc.env:LORALAB_DATA_DIR,data}"
+    output_root: str = "outputs"
+    flush_denormal: bool = setting(True, Rule(bool))  # Adam's state goes subnormal on long CPU runs and steps slow down ~3x
+    debug: bool = setting(False, Rule(bool))  # full tracebacks for input errors too
+    verbose: bool = setting(False, Rule(bool))  # the console shows every log record and warning (train.log always has them)
+
+    def __post_init__(self):
+        self.check_rules()
+        check_trainer(self.trainer, self.data.batch_size)
+
+
+@dataclass(frozen=True)
+class PretrainSettings(Settings):
+    STAGE: ClassVar[str] = "pretrain"
+    stage: StageConfig = setting(factory=lambda: StageConfig("pretrain"))
+    optim: OptimConfig = setting(factory=OptimConfig)
+    resume: str | None = None  # the run dir of an interrupted run, continued from its last checkpoint
+
+
+@dataclass(frozen=True)
+class FinetuneSettings(Settings):
+    STAGE: ClassVar[str] = "finetune"
+    stage: StageConfig = setting(factory=lambda: StageConfig("finetune"))
+    data: FinetuneData = setting(factory=FinetuneData)
+    optim: FinetuneOptim = setting(factory=FinetuneOptim)
+    finetune: FinetuneConfig = setting(factory=FinetuneConfig)
+    lora: LoRASpec = setting(factory=LoRASpec)  # read by method=lora; checked for a full fine-tune too: a typo is a typo
+    base: str | None = None  # a pretrain run dir or base.safetensors; null: the newest pretrain run
     resume: str | None = None
-    eval_adapters: tuple[str, ...] = ()
-    eval_merge: bool = False
-    # In a sweep job, this job's values of the keys the sweep varies ({"lora.rank": 2}); the cli
-    # reads them from Hydra, and TensorBoard's HParams table shows them first.
-    sweep: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.finetune.distill and not self.data.replay:
+            raise invalid("finetune.distill", self.finetune.distill, "distillation acts on replayed images; set data.replay > 0 too")
+        if self.optim.loraplus_ratio is not None and self.finetune.method != "lora":
+            raise invalid("optim.loraplus_ratio", self.optim.loraplus_ratio,
+                          "LoRA+ sets the adapters' B learning rate; a full fine-tune has none (leave it null)")
+        shapes = layer_shapes(self.model.sizes)
+        try:
+            names = match_targets(shapes, self.lora.targets)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        # A rank above a layer's smaller side adds nothing the layer's full update could not hold.
+        max_rank = min(min(shapes[n]) for n in names)
+        if self.lora.rank > max_rank:
+            raise invalid("lora.rank", self.lora.rank, f"expected an integer from 1 to {max_rank}")
+
+    @property
+    def adapter(self) -> LoRASpec | None:
+        """The adapter a LoRA fine-tune trains; None for a full fine-tune."""
+        return self.lora if self.finetune.method == "lora" else None
 
 
-def _bad(field: str, value, allowed: str) -> ConfigError:
-    return ConfigError(f"{field}={value!r} is invalid: {allowed}")
+@dataclass(frozen=True)
+class EvalSettings(Settings):
+    STAGE: ClassVar[str] = "eval"
+    stage: StageConfig = setting(factory=lambda: StageConfig("eval"))
+    eval: EvalConfig = setting(factory=EvalConfig)
+    base: str | None = None
 
 
-def _int(field: str, value, low: int, high: int | None = None) -> int:
-    ok = isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high)
-    if not ok:
-        raise _bad(field, value, f"expected an integer {'≥ ' + str(low) if high is None else f'from {low} to {high}'}")
-    return value
+@dataclass(frozen=True)
+class Job:
+    """One run of a stage: its settings, the composed config they were built from (metrics.json's
+    ``config``, and what a resumed run is compared with), and, in a sweep, this job's values of
+    the keys the sweep varies ({"lora.rank": 2}), which TensorBoard's HParams table shows first."""
+
+    settings: Settings
+    composed: dict[str, Any]
+    sweep: dict[str, Any] = setting(factory=dict)
 
 
-def _number(field: str, value, low: float, high: float | None = None, low_open: bool = False, high_open: bool = True) -> float:
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        ok = (value > low if low_open else value >= low) and (high is None or (value < high if high_open else value <= high))
-    if not ok:
-        lo = f"{'>' if low_open else '≥'} {low:g}"
-        hi = "" if high is None else f" and {'<' if high_open else '≤'} {high:g}"
-        raise _bad(field, value, f"expected a number {lo}{hi}")
-    return float(value)
+SCHEMAS: dict[str, type[Settings]] = {cls.STAGE: cls for cls in (PretrainSettings, FinetuneSettings, EvalSettings)}
 
 
-def _choice(field: str, value, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise _bad(field, value, f"expected one of {', '.join(choices)}")
-    return value
+def flat(container: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested dict's leaves under dotted keys, as the command line names them ("lora.rank")."""
+    if not isinstance(container, dict):
+        return {prefix[:-1]: container}
+    return {k: v for key, value in container.items() for k, v in flat(value, f"{prefix}{key}.").items()}
 
 
-def check_digits(value, stage: str) -> tuple[int, ...] | None:
-    if value == "auto":
-        if stage != "finetune":
-            raise _bad("data.digits", value, "digits=auto picks the base model's worst digits, so it needs stage=finetune")
-        return None
-    if not isinstance(value, (list, ListConfig)):
-        raise _bad("data.digits", value, "expected a list of digits 0-9, e.g. data.digits=[3,5] or digits=nine")
-    digits = list(value)
-    if not digits:
-        raise _bad("data.digits", digits, "the list is empty; name at least one digit 0-9")
-    for d in digits:
-        if isinstance(d, bool) or not isinstance(d, int) or not 0 <= d <= 9:
-            raise _bad("data.digits", digits, f"{d!r} is not a digit 0-9")
-    if len(set(digits)) != len(digits):
-        raise _bad("data.digits", digits, "each digit may appear once")
-    return tuple(sorted(digits))
-
-
-def check_sizes(model: DictConfig) -> tuple[int, ...]:
-    sizes = model.get("sizes")
-    if not isinstance(sizes, (list, ListConfig)) or len(sizes) < 2:
-        raise _bad("model.sizes", sizes, "expected a list of layer sizes like [784, 1000, 2000, 10]")
-    for n in sizes:
-        _int("model.sizes", n, 1)
-    if sizes[0] != 784 or sizes[-1] != 10:
-        raise _bad("model.sizes", list(sizes), "MNIST needs 784 inputs and 10 outputs")
-    return tuple(sizes)
-
-
-def check_lora(lora: DictConfig, sizes: tuple[int, ...]) -> LoRASpec:
-    values = OmegaConf.to_container(lora, resolve=True)
-    targets = values.get("targets")
-    if isinstance(targets, list) and all(isinstance(t, str) for t in targets):
-        targets = tuple(targets)
-    elif not isinstance(targets, str):
-        raise _bad("lora.targets", targets, "expected a list of layer names or one regex string")
-    shapes = layer_shapes(sizes)
-    try:
-        names = match_targets(shapes, targets)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    max_rank = min(min(shapes[n]) for n in names)
-    _int("lora.rank", values.get("rank"), 1, max_rank)
-    try:
-        return LoRASpec(**(values | {"targets": targets}))
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    except TypeError as err:  # a key the spec does not have, e.g. +lora.rnak=2
-        raise ConfigError(f"lora: {err}; the keys are {', '.join(LoRASpec.__dataclass_fields__)}") from None
-
-
-def check_devices(trainer: dict, batch_size: int) -> None:
+def check_trainer(trainer: dict, batch_size: int) -> None:
+    """The trainer.* rules that are loralab's, not Lightning's (those run in load_job)."""
+    if trainer.get("max_steps", -1) != -1 and not Rule(int, low=1).allows(trainer["max_steps"]):
+        raise invalid("trainer.max_steps", trainer["max_steps"], "expected an integer ≥ 1 (or -1: no limit)")
+    if trainer.get("max_epochs") is not None and not Rule(int, low=1).allows(trainer["max_epochs"]):
+        raise invalid("trainer.max_epochs", trainer["max_epochs"], "expected an integer ≥ 1 (or null)")
+    if trainer.get("accelerator") in ("gpu", "cuda") and not cuda_available():
+        raise ConfigError("accelerator=gpu but no CUDA GPU is visible; use accelerator=cpu (or auto)")
     devices, strategy = trainer.get("devices", "auto"), trainer.get("strategy", "auto")
     if devices in ("auto", 1, "1", None) or isinstance(devices, list):
         return
-    _int("trainer.devices", devices, 1)
+    if not Rule(int, low=1).allows(devices):
+        raise invalid("trainer.devices", devices, "expected an integer ≥ 1")
     if strategy not in ("ddp_spawn", "auto"):
         # ddp re-runs train.py for each extra rank: every rank would run the whole stage and write
         # its files, and under -m each would rerun the sweep (Lightning issue #11300).
-        raise _bad("trainer.strategy", strategy, "several devices run with ddp_spawn here; use accelerator=ddp, or leave trainer.strategy=auto")
+        raise invalid("trainer.strategy", strategy, "several devices run with ddp_spawn here; use accelerator=ddp, or leave trainer.strategy=auto")
     if batch_size % devices:
-        raise _bad("data.batch_size", batch_size, f"must divide evenly among trainer.devices={devices}, so each rank takes an equal share of every batch")
+        raise invalid("data.batch_size", batch_size, f"must divide evenly among trainer.devices={devices}, so each rank takes an equal share of every batch")
 
 
 def cuda_available() -> bool:
@@ -157,84 +239,103 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def check_trainer(trainer: dict, batch_size: int) -> dict:
-    if trainer.get("max_steps", -1) != -1:
-        _int("trainer.max_steps", trainer["max_steps"], 1)
-    if trainer.get("max_epochs") is not None:
-        _int("trainer.max_epochs", trainer["max_epochs"], 1)
-    if trainer.get("accelerator") in ("gpu", "cuda") and not cuda_available():
-        raise ConfigError("accelerator=gpu but no CUDA GPU is visible; use accelerator=cpu (or auto)")
-    check_devices(trainer, batch_size)
-    return trainer
+def _writable(node: DictConfig) -> DictConfig:
+    """The schema's records are frozen once built, but Hydra must merge the YAML and the command
+    line into them while composing: OmegaConf marks a frozen dataclass's node read-only."""
+    OmegaConf.set_readonly(node, None)
+    for key in node:
+        child = node._get_node(key)
+        if isinstance(child, DictConfig):
+            _writable(child)
+    return node
 
 
-def check_with_lightning(trainer: dict) -> None:
-    """Every trainer.* value by Lightning's own rules. Last, and imported here: Lightning takes
-    seconds to import, and a typo in any other key should not wait for it."""
+def register() -> None:
+    """``schema/<stage>`` in Hydra's ConfigStore, merged at the config's root."""
+    store = ConfigStore.instance()
+    for name, schema in SCHEMAS.items():
+        store.store(group="schema", name=name, node=_writable(OmegaConf.structured(schema)), package="_global_")
+
+
+register()
+# A sweep's job directories are named by their overrides, less the stage (the sweep dir names it)
+# and the incidental keys (paths would nest directories).
+OmegaConf.register_new_resolver("loralab_dirname_excludes", lambda: ["stage", *INCIDENTAL], replace=True)
+
+
+def load_job(cfg: DictConfig, sweep: dict[str, Any] | None = None) -> Job:
+    """The composed config as the stage's frozen settings, every check run, Lightning's last:
+    it takes seconds to import, and a typo in any other key should not wait for it."""
+    schema = SCHEMAS.get(cfg.stage.name)
+    if schema is None or OmegaConf.get_type(cfg) is not schema:
+        raise ConfigError(f"stage.name={cfg.stage.name!r} does not match the settings composed; choose the stage with stage=<{'|'.join(SCHEMAS)}>")
+    if key := extra_key(cfg, schema):
+        raise unknown_key(key, schema.STAGE, f"+{key}")
+    settings = OmegaConf.to_object(cfg)
     from loralab.trainer_args import check_trainer_args, trainer_kwargs
 
-    check_trainer_args(trainer_kwargs(trainer))
+    check_trainer_args(trainer_kwargs(settings.trainer))
+    return Job(settings, OmegaConf.to_container(cfg, resolve=True), sweep or {})
 
 
-def check_data(data: DictConfig, stage: str) -> DataConfig:
-    return DataConfig(
-        digits=check_digits(data.digits, stage),
-        auto_k=_int("data.auto_k", data.get("auto_k", 1), 1, 9),
-        batch_size=_int("data.batch_size", data.batch_size, 1),
-        eval_batch_size=_int("data.eval_batch_size", data.eval_batch_size, 1),
-        val_size=_int("data.val_size", data.val_size, 1, 59999),
-        replay=_number("data.replay", data.replay, 0, 1),
-    )
+def stages_with(key: str) -> list[str]:
+    """The stages whose settings have ``key`` ("lora.rank"): what a misplaced key's error names."""
+    return [name for name, schema in SCHEMAS.items() if field_of(schema, key) is not None]
 
 
-def check_finetune(cfg: DictConfig, sizes: tuple[int, ...], replay: float) -> dict:
-    method = _choice("finetune.method", cfg.finetune.method, METHODS)
-    distill = _number("finetune.distill", cfg.finetune.distill, 0)
-    if distill and not replay:
-        raise _bad("finetune.distill", cfg.finetune.distill, "distillation acts on replayed images; set data.replay > 0 too")
-    spec = check_lora(cfg.lora, sizes)  # checked for a full fine-tune too: a typo is a typo
-    ratio = cfg.optim.get("loraplus_ratio")
-    if ratio is not None:
-        _number("optim.loraplus_ratio", ratio, 0, low_open=True)
-        if method != "lora":
-            raise _bad("optim.loraplus_ratio", ratio, "LoRA+ sets the adapters' B learning rate; a full fine-tune has none (leave it null)")
-    return {"method": method, "distill": distill, "lora": spec if method == "lora" else None, "loraplus_ratio": ratio}
+def field_of(schema: type, key: str):
+    """The dataclass field ``key`` names in ``schema`` (dotted), or None. A key inside a dict
+    (trainer.*) is the dict's field."""
+    node, found = schema, None
+    for part in key.split("."):
+        if not is_dataclass(node):
+            return found
+        found = next((f for f in fields(node) if f.name == part), None)
+        if found is None:
+            return None
+        node = typing.get_type_hints(node).get(part)
+    return found
 
 
-def check_eval(cfg: DictConfig) -> dict:
-    adapters = cfg.eval.adapters
-    if not isinstance(adapters, (list, ListConfig)) or not all(isinstance(a, str) for a in adapters):
-        raise _bad("eval.adapters", adapters, "expected a list of adapter directories, e.g. eval.adapters=[outputs/finetune/<time>]")
-    if not isinstance(cfg.eval.merge, bool):
-        raise _bad("eval.merge", cfg.eval.merge, "expected true or false")
-    return {"eval_adapters": tuple(adapters), "eval_merge": cfg.eval.merge}
+def expected(schema: type, key: str) -> str | None:
+    """What ``key`` may hold, in the words of its rule; None when it has no rule."""
+    found = field_of(schema, key)
+    rule = found.metadata.get("rule") if found is not None else None
+    return rule.expected if rule else None
 
 
-def check_config(cfg: DictConfig, overrides: Sequence[str] = ()) -> RunConfig:
-    """``overrides``: the command line's (Hydra's overrides.task), checked against the stage."""
-    stage = _choice("stage.name", cfg.stage.name, STAGES)
-    check_overrides(overrides, stage)
-    sizes = check_sizes(cfg.model)
-    data = check_data(cfg.data, stage)
-    trainer = check_trainer(OmegaConf.to_container(cfg.trainer, resolve=True), data.batch_size)
-    extra = check_finetune(cfg, sizes, data.replay) if stage == "finetune" else check_eval(cfg) if stage == "eval" else {}
-    lr = _number("optim.lr", cfg.optim.lr, 0, low_open=True)
-    scheduler = _choice("optim.scheduler", cfg.optim.scheduler, SCHEDULERS)
-    seed = _int("seed", cfg.seed, 0)
-    check_with_lightning(trainer)
-    return RunConfig(
-        stage=stage,
-        model_name=cfg.model.name,
-        sizes=sizes,
-        data=data,
-        lr=lr,
-        scheduler=scheduler,
-        seed=seed,
-        data_dir=str(cfg.data_dir),
-        output_root=str(cfg.output_root),
-        trainer=trainer,
-        source=cfg,
-        base=cfg.get("base"),
-        resume=cfg.get("resume"),
-        **extra,
-    )
+
+def node_fields(schema: type, key: str) -> list[str]:
+    """The keys of the node ``key`` names in ``schema`` ("" for the root)."""
+    node = schema
+    for part in filter(None, key.split(".")):
+        node = typing.get_type_hints(node).get(part) if is_dataclass(node) else None
+    return [f.name for f in fields(node)] if is_dataclass(node) else []
+
+
+def unknown_key(key: str, stage: str, written: str) -> ConfigError:
+    """``key``, set by ``written`` on the command line, is not in stage=``stage``'s settings:
+    either another stage reads it (stage=pretrain lora.rank=4) or no stage has it (a typo)."""
+    stages = [s for s in stages_with(key) if s != stage]
+    if stages:
+        fix = f"add stage={stages[0]}" if len(stages) == 1 else "run one of those stages"
+        return ConfigError(f"{written} is read only by {' and '.join(f'stage={s}' for s in stages)}, "
+                           f"so this stage={stage} run has no such setting; {fix}, or drop {written}")
+    parent, _, name = key.rpartition(".")
+    keys = node_fields(SCHEMAS[stage], parent)
+    return ConfigError(f"{written} is not a setting: {parent or 'the config'} has no key {name!r}"
+                       + (f"; its keys are {', '.join(keys)}" if keys else ""))
+
+
+def extra_key(cfg: DictConfig, schema: type, prefix: str = "") -> str | None:
+    """The first key of ``cfg`` (added with +key=) that ``schema`` does not define."""
+    known = {f.name: typing.get_type_hints(schema)[f.name] for f in fields(schema)}
+    for key in cfg:
+        if key not in known:
+            value = cfg._get_node(key)
+            leaf = next(iter(flat(OmegaConf.to_container(value)))) if isinstance(value, DictConfig) and len(value) else ""
+            return f"{prefix}{key}" + (f".{leaf}" if leaf else "")
+        child = cfg._get_node(key)
+        if isinstance(child, DictConfig) and is_dataclass(known[key]) and (found := extra_key(child, known[key], f"{prefix}{key}.")):
+            return found
+    return None

@@ -3,6 +3,7 @@ the keys its sweep varies in view, and a chart of target- against other-digit er
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import lightning as L
@@ -10,7 +11,7 @@ from omegaconf import OmegaConf
 from tensorboard.plugins.hparams import metadata, plugin_data_pb2
 from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
-from loralab.config import RunConfig
+from loralab.config import INCIDENTAL, Job, flat
 from loralab.files import write_text
 from loralab.results import Shift, TestResult
 
@@ -24,17 +25,17 @@ def add_forgetting_chart(trainer: L.Trainer) -> None:
     trainer.logger.experiment.add_custom_scalars(FORGETTING_LAYOUT)
 
 
-def hparams_entry(cfg: RunConfig, digits: list[int], lora: dict | None) -> dict:
-    """The run's settings, named as they are set on the command line, the keys its sweep varies first."""
-    entry = {
-        "stage": cfg.stage, "model": cfg.model_name, "seed": cfg.seed, "optim.lr": cfg.lr,
-        "data.batch_size": cfg.data.batch_size, "digits": " ".join(map(str, digits)),
-        "trainer.max_steps": cfg.trainer.get("max_steps", -1), "trainer.max_epochs": cfg.trainer.get("max_epochs") or -1,
-        "data.replay": cfg.data.replay,
-    }
-    entry |= {f"lora.{k}": v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in (lora or {}).items()}
+def hparams_entry(job: Job, digits: list[int], lora: dict | None) -> dict:
+    """The run's settings, named as they are set on the command line, the keys its sweep varies
+    first: every setting of the schema but the incidental ones, the digits as trained (digits=auto
+    resolved), and the adapter's settings with what they imply (its scale)."""
+    settings = {key: value for key, value in flat(asdict(job.settings)).items()
+                if key not in INCIDENTAL and key.partition(".")[0] not in ("stage", "model", "lora") and key != "data.digits"}
+    entry = {"stage": job.settings.stage.name, "model": job.settings.model.name, "digits": " ".join(map(str, digits))}
+    entry |= settings | {f"lora.{k}": v for k, v in (lora or {}).items()}
+    entry = {key: value if isinstance(value, (int, float, str, bool)) else str(value) for key, value in entry.items()}
     # A swept key that is no setting above (variant=dora) gets its own column, valued as overridden.
-    return {key: entry.get(key, value) for key, value in cfg.sweep.items()} | entry
+    return {key: entry.get(key, value) for key, value in job.sweep.items()} | entry
 
 
 def hp_results(test: TestResult, shift: Shift) -> dict:
@@ -42,15 +43,15 @@ def hp_results(test: TestResult, shift: Shift) -> dict:
             "hp/target_gain": shift.gain, "hp/forgetting": shift.forgetting}
 
 
-def log_hparams(trainer: L.Trainer, cfg: RunConfig, digits: list[int], lora: dict | None = None, results: dict | None = None) -> None:
+def log_hparams(trainer: L.Trainer, job: Job, digits: list[int], lora: dict | None = None, results: dict | None = None) -> None:
     """One HParams entry per run, with its final results, so TensorBoard compares runs side by side;
     hparams.yaml holds the same values."""
     logger = trainer.logger
-    entry = hparams_entry(cfg, digits, lora)
+    entry = hparams_entry(job, digits, lora)
     if results:
         logger.log_metrics(results)
     experiment, session_start, session_end = hparams_summaries(entry, results or {})
-    mark_differing(experiment, set(cfg.sweep))
+    mark_differing(experiment, set(job.sweep))
     # Written as Lightning's own log_hyperparams writes them, which cannot mark the swept keys.
     writer = logger.experiment._get_file_writer()
     for summary in (experiment, session_start, session_end):

@@ -11,23 +11,26 @@ from omegaconf import DictConfig
 
 from loralab.errors import LoralabError
 from loralab.report import show, write_summary
+from loralab.runs import METRICS_FILE
 
 SWEEP_LOG = "sweep.log"
 
 
 class FreshRunDir(Callback):
-    """Runs before Hydra writes anything into the run dir, so a finished run stays byte-identical."""
+    """The one guard of finished runs: it runs before Hydra writes anything into the run or sweep
+    dir, so a finished run, or any finished job of a sweep, stays byte-identical."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self.refuse_if_finished(Path(config.hydra.run.dir), "metrics.json", "hydra.run.dir")
+        self.refuse_if_finished(Path(config.hydra.run.dir), [METRICS_FILE], "hydra.run.dir")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self.refuse_if_finished(Path(config.hydra.sweep.dir), "summary.csv", "hydra.sweep.dir")
+        self.refuse_if_finished(Path(config.hydra.sweep.dir), ["summary.csv", f"*/{METRICS_FILE}"], "hydra.sweep.dir")
 
     @staticmethod
-    def refuse_if_finished(directory: Path, marker: str, key: str) -> None:
-        if (directory / marker).exists():
-            print(f"error: {directory} already holds a finished run ({marker}); choose another {key}", file=sys.stderr)
+    def refuse_if_finished(directory: Path, markers: list[str], key: str) -> None:
+        found = next((path for marker in markers for path in directory.glob(marker)), None)
+        if found is not None:
+            print(f"error: {directory} already holds a finished run ({found.relative_to(directory)}); choose another {key}", file=sys.stderr)
             sys.exit(2)
 
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from loralab.adapter import save_adapter
 from loralab.callbacks import LoRAFinetuning
-from loralab.config import RunConfig
+from loralab.config import FinetuneSettings
 from loralab.inject import lora_disabled
 from loralab.results import TestResult
 from loralab.runs import FULL_FILE
@@ -62,8 +62,8 @@ class LoRAMethod:
         with lora_disabled(model):
             return test("test_base")
 
-    def save(self, model: nn.Module, run_dir: Path, cfg: RunConfig) -> dict[str, Path]:
-        return save_adapter(model, run_dir, list(cfg.sizes), self.base_sha256)  # base_unchanged has confirmed it
+    def save(self, model: nn.Module, run_dir: Path, cfg: FinetuneSettings) -> dict[str, Path]:
+        return save_adapter(model, run_dir, list(cfg.model.sizes), self.base_sha256)  # base_unchanged has confirmed it
 
     def summary(self) -> dict:
         return self.spec.to_dict()
@@ -101,8 +101,8 @@ class FullMethod:
     def test_base(self, test: Test, model: nn.Module) -> TestResult:
         return self.before
 
-    def save(self, model: nn.Module, run_dir: Path, cfg: RunConfig) -> dict[str, Path]:
-        save_base(model, run_dir / FULL_FILE, cfg.model_name)
+    def save(self, model: nn.Module, run_dir: Path, cfg: FinetuneSettings) -> dict[str, Path]:
+        save_base(model, run_dir / FULL_FILE, cfg.model.name)
         return {"model": run_dir / FULL_FILE}
 
     def summary(self) -> None:
@@ -112,5 +112,5 @@ class FullMethod:
         return "full fine-tune"
 
 
-def make_method(cfg: RunConfig, model: nn.Module) -> LoRAMethod | FullMethod:
-    return LoRAMethod(cfg.lora, model) if cfg.method == "lora" else FullMethod(model, cfg.distill)
+def make_method(cfg: FinetuneSettings, model: nn.Module) -> LoRAMethod | FullMethod:
+    return LoRAMethod(cfg.adapter, model) if cfg.adapter is not None else FullMethod(model, cfg.finetune.distill)

@@ -7,7 +7,10 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
+
+from loralab.rules import Checked, Rule, invalid, setting
 
 # Each init and what it draws; B = 0 in the first two, so an adapter starts as a no-op.
 INITS = {
@@ -20,37 +23,26 @@ INITS = {
 PEFT_VERSION = "0.21.2"
 
 
-def _invalid(name: str, value, allowed: str) -> ValueError:
-    return ValueError(f"lora.{name}={value!r} is invalid: {allowed}")
-
-
 @dataclass(frozen=True)
-class LoRASpec:
-    """An adapter's settings. ``targets`` is a list of layer names or one regex (full match)."""
+class LoRASpec(Checked):
+    """An adapter's settings, and the ``lora`` node of the fine-tune's schema (loralab.config).
+    ``targets`` is a list of layer names or one regex (full match)."""
 
-    rank: int
-    alpha: float
-    targets: tuple[str, ...] | str = field(default=("linear1", "linear2", "linear3"))
-    dropout: float = 0.0
-    init: str = "gaussian"
-    rslora: bool = False
-    dora: bool = False
+    KEY: ClassVar[str] = "lora"
+
+    rank: int = setting(1, Rule(int, low=1))
+    alpha: float = setting(1.0, Rule(float, low=0, low_open=True))
+    targets: Any = ("linear1", "linear2", "linear3")
+    dropout: float = setting(0.0, Rule(float, low=0, high=1, high_open=True))
+    init: str = setting("gaussian", Rule(str, choices=tuple(INITS)))
+    rslora: bool = setting(False, Rule(bool))
+    dora: bool = setting(False, Rule(bool))
 
     def __post_init__(self):
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
-            raise _invalid("rank", self.rank, "expected an integer ≥ 1")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 < self.alpha < math.inf:
-            raise _invalid("alpha", self.alpha, "expected a number > 0")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
-            raise _invalid("dropout", self.dropout, "expected a number ≥ 0 and < 1")
-        if self.init not in INITS:
-            raise _invalid("init", self.init, f"expected one of {', '.join(INITS)}")
-        for name in ("rslora", "dora"):
-            if not isinstance(getattr(self, name), bool):
-                raise _invalid(name, getattr(self, name), "expected true or false")
-        targets = self.targets if isinstance(self.targets, str) else tuple(self.targets)
-        if not isinstance(targets, str) and not all(isinstance(t, str) for t in targets):
-            raise _invalid("targets", self.targets, "expected a list of layer names or one regex string")
+        self.check_rules()
+        targets = self.targets if isinstance(self.targets, str) else tuple(self.targets) if isinstance(self.targets, (list, tuple)) else None
+        if targets is None or (not isinstance(targets, str) and not all(isinstance(t, str) for t in targets)):
+            raise invalid("lora.targets", self.targets, "expected a list of layer names or one regex string")
         object.__setattr__(self, "targets", targets)
         object.__setattr__(self, "alpha", float(self.alpha))
         object.__setattr__(self, "dropout", float(self.dropout))

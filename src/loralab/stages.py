@@ -14,13 +14,12 @@ from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor
-from omegaconf import OmegaConf
 from torch import nn
 
 from loralab.adapter import AdapterSet
 from loralab.callbacks import ResumeHint
 from loralab.classifier import Classifier
-from loralab.config import RunConfig
+from loralab.config import EvalSettings, FinetuneSettings, Job, PretrainSettings, Settings
 from loralab.dashboard import add_forgetting_chart, hp_results, log_hparams
 from loralab.data import MNISTDataModule
 from loralab.errors import ArtifactError
@@ -41,16 +40,17 @@ log = logging.getLogger(__name__)
 PACKAGES = ("loralab", "torch", "lightning", "torchmetrics", "hydra-core", "safetensors")
 
 
-def make_datamodule(cfg: RunConfig, digits: list[int]) -> MNISTDataModule:
+def make_datamodule(cfg: Settings, digits: list[int]) -> MNISTDataModule:
     """Prepared and set up here, so data loading is not counted in the fit seconds."""
-    datamodule = MNISTDataModule(cfg.data_dir, digits, cfg.data.batch_size, cfg.data.eval_batch_size, cfg.data.val_size, cfg.data.replay, cfg.seed)
+    replay = getattr(cfg.data, "replay", 0.0)  # a fine-tune's setting
+    datamodule = MNISTDataModule(cfg.data_dir, digits, cfg.data.batch_size, cfg.data.eval_batch_size, cfg.data.val_size, replay, cfg.seed)
     datamodule.prepare_data()
     datamodule.setup("fit")
     return datamodule
 
 
-def check_batches(cfg: RunConfig, datamodule: MNISTDataModule) -> None:
-    """check_config's trainer check again, now that the number of training batches is known
+def check_batches(cfg: Settings, datamodule: MNISTDataModule) -> None:
+    """load_job's trainer check again, now that the number of training batches is known
     (val_check_interval may not exceed it), before the Trainer writes its first file."""
     check_trainer_args(trainer_kwargs(cfg.trainer), train_batches=len(datamodule.train_dataloader()))
 
@@ -76,53 +76,55 @@ def provenance() -> dict:
     return {"versions": versions, "git_commit": commit}
 
 
-def run_metrics(cfg: RunConfig, model: nn.Module, digits: list[int]) -> dict:
+def run_metrics(cfg: Settings, model: nn.Module, digits: list[int]) -> dict:
     return {
-        "stage": cfg.stage,
+        "stage": cfg.stage.name,
         "status": "ok",
-        "model": {"name": cfg.model_name, "sizes": list(model.sizes)},
+        "model": {"name": cfg.model.name, "sizes": list(model.sizes)},
         "digits": digits,
         "seed": cfg.seed,
         "params": count_parameters(model),
     }
 
 
-def pretrain(cfg: RunConfig, run_dir: Path) -> dict:
+def pretrain(job: Job, run_dir: Path) -> dict:
+    cfg: PretrainSettings = job.settings
     digits = list(cfg.data.digits)
     datamodule = make_datamodule(cfg, digits)
     check_batches(cfg, datamodule)
-    model = MLP(list(cfg.sizes))
-    module = Classifier(model, lr=cfg.lr, target_digits=digits, scheduler=cfg.scheduler)
-    ckpt = resume_checkpoint(cfg)
+    model = MLP(list(cfg.model.sizes))
+    module = Classifier(model, lr=cfg.optim.lr, target_digits=digits, scheduler=cfg.optim.scheduler)
+    ckpt = resume_checkpoint(job)
     trainer = make_trainer(cfg, run_dir, fit_callbacks(run_dir, module), checkpoint=True)
     fitted = fit(trainer, module, datamodule, ckpt)
     start = time.perf_counter()
     test = run_test(tester(trainer, cfg, run_dir), module, datamodule)
     test_s = time.perf_counter() - start
-    sha = save_base(model, run_dir / BASE_FILE, cfg.model_name)
+    sha = save_base(model, run_dir / BASE_FILE, cfg.model.name)
     metrics = run_metrics(cfg, model, digits) | {
         "test": test.to_json(),
         "base_sha256": sha,
         "seconds": {"fit": fitted.seconds, "test": test_s, "step": fitted.step_seconds},
         "artifacts": {"base": str(run_dir / BASE_FILE), "checkpoint": last_checkpoint(run_dir), "tensorboard": str(run_dir)},
     }
-    log_hparams(trainer, cfg, digits, results=hp_results(test, Shift.between(test, test, digits)))
-    show(f"\nPretrained {cfg.model_name} on MNIST, test set (10,000 images):\n{digit_table(test)}")
+    log_hparams(trainer, job, digits, results=hp_results(test, Shift.between(test, test, digits)))
+    show(f"\nPretrained {cfg.model.name} on MNIST, test set (10,000 images):\n{digit_table(test)}")
     return metrics
 
 
-def finetune(cfg: RunConfig, run_dir: Path) -> dict:
-    base_path = resolve_base(cfg.base, cfg.output_root, list(cfg.sizes))
+def finetune(job: Job, run_dir: Path) -> dict:
+    cfg: FinetuneSettings = job.settings
+    base_path = resolve_base(cfg.base, cfg.output_root, list(cfg.model.sizes))
     digits = list(cfg.data.digits) if cfg.data.digits else worst_digits(base_path, cfg.data.auto_k)
     base_file_sha = file_sha256(base_path)
-    model, base_meta = load_base(base_path, list(cfg.sizes))
+    model, base_meta = load_base(base_path, list(cfg.model.sizes))
     log.info("fine-tuning base %s on digits %s", base_path, digits)
     datamodule = make_datamodule(cfg, digits)
     check_batches(cfg, datamodule)
     method = make_method(cfg, model)
-    module = Classifier(model, lr=cfg.lr, target_digits=digits, scheduler=cfg.scheduler, distill=cfg.distill,
-                        frozen_base=method.frozen_base, loraplus_ratio=cfg.loraplus_ratio, **method.checkpoint_hparams(base_path))
-    ckpt = resume_checkpoint(cfg)
+    module = Classifier(model, lr=cfg.optim.lr, target_digits=digits, scheduler=cfg.optim.scheduler, distill=cfg.finetune.distill,
+                        frozen_base=method.frozen_base, loraplus_ratio=cfg.optim.loraplus_ratio, **method.checkpoint_hparams(base_path))
+    ckpt = resume_checkpoint(job)
     trainer = make_trainer(cfg, run_dir, fit_callbacks(run_dir, module, method.callbacks()), checkpoint=True)
     add_forgetting_chart(trainer)
     test = partial(run_test, tester(trainer, cfg, run_dir), module, datamodule)
@@ -154,17 +156,17 @@ def finetune(cfg: RunConfig, run_dir: Path) -> dict:
         "artifacts": {k: str(v) for k, v in artifacts.items()} | {"checkpoint": last_checkpoint(run_dir), "tensorboard": str(run_dir)}
         | model_card(cfg, run_dir, base_path, base_file_sha, method.base_sha256, digits, test_base, result),
     }
-    log_hparams(trainer, cfg, digits, method.summary(), hp_results(result, shift))
+    log_hparams(trainer, job, digits, method.summary(), hp_results(result, shift))
     show(f"\n{method.describe()} on digits {digits}, test set, base -> fine-tuned:\n{digit_table(result, before=test_base, digits=digits)}")
     return metrics
 
 
-def model_card(cfg: RunConfig, run_dir: Path, base_path: Path, base_file_sha: str, base_sha: str, digits: list[int],
+def model_card(cfg: FinetuneSettings, run_dir: Path, base_path: Path, base_file_sha: str, base_sha: str, digits: list[int],
                before: TestResult, after: TestResult) -> dict:
     """README.md beside a LoRA adapter (outside artifact_bytes, which measures the adapter)."""
-    if cfg.lora is None:
+    if cfg.adapter is None:
         return {}
-    card = AdapterCard(cfg.lora, cfg.model_name, list(cfg.sizes), base_path.resolve(), base_file_sha, base_sha, digits, before, after, run_command(run_dir))
+    card = AdapterCard(cfg.adapter, cfg.model.name, list(cfg.model.sizes), base_path.resolve(), base_file_sha, base_sha, digits, before, after, run_command(run_dir))
     return {"model_card": str(write_card(run_dir, card))}
 
 
@@ -177,15 +179,16 @@ def check_base_file(base_path: Path, file_sha: str, meta: dict, weights_sha: str
         raise ArtifactError(f"{base_path} changed on disk during this run; something else is writing to it")
 
 
-def evaluate(cfg: RunConfig, run_dir: Path) -> dict:
+def evaluate(job: Job, run_dir: Path) -> dict:
     """The base alone, then each adapter switched in by name on the same loaded base."""
+    cfg: EvalSettings = job.settings
     digits = list(cfg.data.digits)
-    base_path = resolve_base(cfg.base, cfg.output_root, list(cfg.sizes))
+    base_path = resolve_base(cfg.base, cfg.output_root, list(cfg.model.sizes))
     start = time.perf_counter()
-    model, _ = load_base(base_path, list(cfg.sizes))
+    model, _ = load_base(base_path, list(cfg.model.sizes))
     load_s = time.perf_counter() - start
     adapters = AdapterSet(model)
-    for directory in cfg.eval_adapters:  # read them all before testing anything
+    for directory in cfg.eval.adapters:  # read them all before testing anything
         name = Path(directory).name
         adapters.add(name if name not in adapters.adapters else f"{name}-{len(adapters.adapters)}", directory)
     datamodule = make_datamodule(cfg, digits)
@@ -199,14 +202,14 @@ def evaluate(cfg: RunConfig, run_dir: Path) -> dict:
         start = time.perf_counter()
         adapters.use(name)
         switch_s.append(time.perf_counter() - start)
-        if cfg.eval_merge:
+        if cfg.eval.merge:
             merge_lora(model)
         result = test(f"test_{name}")
         unmerge_lora(model)
-        results[name] = {"path": source, "merged": cfg.eval_merge, "test": result.to_json()}
-        show(f"\nadapter {name} ({'merged' if cfg.eval_merge else 'unmerged'}), base -> adapter:\n{digit_table(result, before=base_result, digits=digits)}")
+        results[name] = {"path": source, "merged": cfg.eval.merge, "test": result.to_json()}
+        show(f"\nadapter {name} ({'merged' if cfg.eval.merge else 'unmerged'}), base -> adapter:\n{digit_table(result, before=base_result, digits=digits)}")
     adapters.use(None)
-    log_hparams(trainer, cfg, digits)
+    log_hparams(trainer, job, digits)
     return run_metrics(cfg, model, digits) | {
         "test": base_result.to_json(),
         "base": str(base_path),
@@ -216,12 +219,13 @@ def evaluate(cfg: RunConfig, run_dir: Path) -> dict:
     }
 
 
-STAGES = {"pretrain": pretrain, "finetune": finetune, "eval": evaluate}
+# Each stage's function, by the type of its settings: the schema names the stages.
+RUNS = {PretrainSettings: pretrain, FinetuneSettings: finetune, EvalSettings: evaluate}
 
 
-def run_stage(cfg: RunConfig, run_dir: Path) -> dict:
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    metrics = STAGES[cfg.stage](cfg, run_dir)
-    metrics |= provenance() | {"config": OmegaConf.to_container(cfg.source, resolve=True)}
+def run_stage(job: Job, run_dir: Path) -> dict:
+    L.seed_everything(job.settings.seed, workers=True, verbose=False)
+    metrics = RUNS[type(job.settings)](job, run_dir)
+    metrics |= provenance() | {"config": job.composed}
     write_json(run_dir / METRICS_FILE, metrics)
     return metrics

@@ -17,7 +17,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import OmegaConf
 from torch.multiprocessing import ProcessRaisedException
 
-from loralab.config import RunConfig
+from loralab.config import INCIDENTAL, Job, Settings, flat
 from loralab.errors import ArtifactError, LoralabError
 from loralab.files import atomic_write_bytes
 from loralab.progress import StepProgressBar
@@ -43,7 +43,7 @@ def checkpoint_file(run_dir: Path) -> Path:
     return run_dir / "checkpoints" / "last.ckpt"
 
 
-def make_trainer(cfg: RunConfig, run_dir: Path, callbacks: list, checkpoint: bool, testing: bool = False) -> L.Trainer:
+def make_trainer(cfg: Settings, run_dir: Path, callbacks: list, checkpoint: bool, testing: bool = False) -> L.Trainer:
     kwargs = trainer_kwargs(cfg.trainer, testing)
     # Event files go straight into the run dir, so `tensorboard --logdir outputs` names runs by path.
     logger = TensorBoardLogger(save_dir=str(run_dir), name="", version="", default_hp_metric=False)
@@ -66,7 +66,7 @@ def make_trainer(cfg: RunConfig, run_dir: Path, callbacks: list, checkpoint: boo
     )
 
 
-def tester(trainer: L.Trainer, cfg: RunConfig, run_dir: Path) -> L.Trainer:
+def tester(trainer: L.Trainer, cfg: Settings, run_dir: Path) -> L.Trainer:
     """The trainer that tests: the training one, unless that one spawns ranks (ddp_spawn), whose
     results would stay in the spawned processes."""
     return trainer if trainer.world_size == 1 else make_trainer(cfg, run_dir, [], checkpoint=False, testing=True)
@@ -108,16 +108,6 @@ def run_test(trainer: L.Trainer, module: L.LightningModule, datamodule, split: s
     return TestResult(acc=logged[f"{split}/acc"], wrong=wrong, count=datamodule.test_counts)
 
 
-# What may differ between a run and its resumption: where things are, not what is trained.
-RESUME_FREE = {"resume", "output_root", "data_dir", "debug", "verbose", "trainer.enable_progress_bar"}
-
-
-def flat(container, prefix: str = "") -> dict:
-    if not isinstance(container, dict):
-        return {prefix[:-1]: container}
-    return {k: v for key, value in container.items() for k, v in flat(value, f"{prefix}{key}.").items()}
-
-
 def run_overrides(run_dir: Path) -> list[str] | None:
     """The command-line overrides ``run_dir`` was made with, as Hydra recorded them; None for a
     run that did not come from train.py."""
@@ -137,19 +127,20 @@ def resume_command(run_dir: Path) -> str:
     return shlex.join(["python", "train.py", *overrides, f"resume={run_dir}"])
 
 
-def resume_checkpoint(cfg: RunConfig) -> Path | None:
+def resume_checkpoint(job: Job) -> Path | None:
     """The last checkpoint of an interrupted run, checked before training: the run's config must
-    be this one, and the checkpoint must load without unpickling objects."""
-    if cfg.resume is None:
+    be this one (up to the incidental keys: where things are, not what is trained), and the
+    checkpoint must load without unpickling objects."""
+    if job.settings.resume is None:
         return None
-    run_dir = Path(cfg.resume)
+    run_dir = Path(job.settings.resume)
     ckpt = checkpoint_file(run_dir)
     if not ckpt.exists():
         raise ArtifactError(f"resume={run_dir} has no checkpoints/last.ckpt; pass the run dir of an interrupted run")
     saved = run_dir / ".hydra" / "config.yaml"
     if saved.exists():
-        before, now = flat(OmegaConf.to_container(OmegaConf.load(saved))), flat(OmegaConf.to_container(cfg.source))
-        changed = sorted(k for k in before.keys() | now.keys() if k not in RESUME_FREE and before.get(k) != now.get(k))
+        before, now = flat(OmegaConf.to_container(OmegaConf.load(saved), resolve=True)), flat(job.composed)
+        changed = sorted(k for k in before.keys() | now.keys() if k not in INCIDENTAL and before.get(k) != now.get(k))
         if changed:
             first = changed[0]
             raise ArtifactError(f"resume={run_dir} ran with {first}={before.get(first)!r}, not {now.get(first)!r}"
