@@ -4,6 +4,7 @@ import csv
 import json
 
 import pytest
+import torch
 
 from conftest import SLICE, train_py
 
@@ -79,7 +80,6 @@ def adapter_of(run_dir):
 def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path, pretrained):
     """gloo DDP, 2 ranks: each rank takes half of every batch, so the averaged gradient is the
     one-process gradient and the results agree to float rounding."""
-    import torch
     from safetensors.torch import load_file
 
     finetune = ["stage=finetune", f"base={pretrained[1]}", *SLICE, "trainer.max_steps=20", "trainer.val_check_interval=10", "data.replay=0.2"]
@@ -94,12 +94,25 @@ def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path, pretrained):
         assert abs(one["test"]["acc"] - two["test"]["acc"]) <= 0.001
         assert sum(abs(a - b) for a, b in zip(one["test"]["wrong"], two["test"]["wrong"])) <= 10
     a, b = adapter_of(tmp_path / "finetune-1"), adapter_of(tmp_path / "finetune-2")
-    assert set(a) == set(b) and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert set(a) == set(b) and all(agree_to_rounding(a[k], b[k]) for k in a)
     assert any(t.abs().sum() > 0 for k, t in b.items() if "lora_B" in k)  # rank 0's trained adapter came back
     two = json.loads((tmp_path / "finetune-2" / "metrics.json").read_text())
     assert two["base_unchanged"] is True and two["optimizer_state_bytes"] == 54376
     a, b = (load_file(tmp_path / f"pretrain-{d}" / "base.safetensors") for d in (1, 2))
-    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert all(agree_to_rounding(a[k], b[k]) for k in a)
+
+
+def agree_to_rounding(one, two) -> bool:
+    """Weights trained in one process and over two ranks, equal up to float32 rounding. The ranks
+    sum half-batches in another order and the all-reduce adds the halves, so every gradient
+    differs by rounding, relative 1e-7 per addition and about 1e-5 over a half-batch sum. Adam
+    divides each gradient by its own running size: for the few elements whose gradient is within
+    that rounding of zero, one step can move by up to 2 lr either way, which is how one weight
+    in millions ends 2e-5 apart on one CPU and 5e-6 on another (BLAS blocks sums by CPU). An
+    elementwise tolerance would be a CPU's; the tensor as a whole agrees to well under 1e-4 of
+    its norm on any of them, while a wrong averaging (a rank's gradient not halved, a batch
+    share trained twice) moves it by the size of the training updates, percent of the norm."""
+    return bool(torch.linalg.norm(one - two) <= 1e-4 * torch.linalg.norm(one))
 
 
 def test_ddp_inside_a_multirun_runs_each_job_once(tmp_path, pretrained):

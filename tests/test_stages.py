@@ -124,7 +124,18 @@ def test_full_finetune_writes_the_same_schema(finetuned, pretrained, outputs):
     assert metrics["optimizer_state_bytes"] > 100 * lora_metrics["optimizer_state_bytes"]
 
 
-def test_replay_experiment_runs(pretrained, outputs):
-    metrics, _ = run([*SLICE, "experiment=no_forgetting", "trainer.max_steps=3", f"base={pretrained[1]}"], outputs, "replay")
+def test_replay_experiment_replays_and_distills(pretrained, outputs):
+    """Each step's batch carries other digits (replay), and on them the loss pulls towards the base
+    (train/distill, logged every step by the slice): zero at step 1, where the adapter is still
+    the base, and positive once it has moved. A batch without replayed images logs 0."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    metrics, run_dir = run([*SLICE, "experiment=no_forgetting", "trainer.max_steps=3", f"base={pretrained[1]}"], outputs, "replay")
     assert metrics["config"]["data"]["replay"] == 0.15 and metrics["config"]["finetune"]["distill"] == 0.1
     assert metrics["lora"]["rank"] == 8 and metrics["lora"]["alpha"] == 32
+    distill = []
+    for events in sorted(run_dir.glob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        distill += [e.value for e in accumulator.Scalars("train/distill")] if "train/distill" in accumulator.Tags()["scalars"] else []
+    assert len(distill) == 3 and distill[0] == 0.0 and min(distill[1:]) > 0
