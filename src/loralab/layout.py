@@ -5,5 +5,5 @@ from __future__ import annotations
 
 
 def layer_shapes(sizes: list[int] | tuple[int, ...]) -> dict[str, tuple[int, int]]:
-    """``{"linear1": (in, out), ...}``: named to match the seeds' ExpensiveNet."""
+    """``{"linear1": (in, out), ...}``: named as the hkproj/pytorch-lora notebook's ExpensiveNet names them."""
     return {f"linear{i}": (n_in, n_out) for i, (n_in, n_out) in enumerate(zip(sizes, sizes[1:]), start=1)}

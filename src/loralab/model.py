@@ -1,5 +1,5 @@
 """The MLP being adapted. Layers are named ``linear1..N`` so LoRA targets and adapter keys match
-the seeds' ExpensiveNet (784-1000-2000-10, 2,807,010 parameters)."""
+the hkproj/pytorch-lora notebook's ExpensiveNet (784-1000-2000-10, 2,807,010 parameters)."""
 
 from __future__ import annotations
 
