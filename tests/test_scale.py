@@ -110,8 +110,8 @@ def agree_to_rounding(one, two) -> bool:
     that rounding of zero, one step can move by up to 2 lr either way, which is how one weight
     in millions ends 2e-5 apart on one CPU and 5e-6 on another (BLAS blocks sums by CPU). An
     elementwise tolerance would be a CPU's; the tensor as a whole agrees to well under 1e-4 of
-    its norm on any of them, while a wrong averaging (a rank's gradient not halved, a batch
-    share trained twice) moves it by the size of the training updates, percent of the norm."""
+    its norm on any of them, while ranks that train the wrong shares (both the same half of each
+    batch) move it by the size of the training updates."""
     return bool(torch.linalg.norm(one - two) <= 1e-4 * torch.linalg.norm(one))
 
 

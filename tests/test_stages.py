@@ -126,8 +126,9 @@ def test_full_finetune_writes_the_same_schema(finetuned, pretrained, outputs):
 
 def test_replay_experiment_replays_and_distills(pretrained, outputs):
     """Each step's batch carries other digits (replay), and on them the loss pulls towards the base
-    (train/distill, logged every step by the slice): zero at step 1, where the adapter is still
-    the base, and positive once it has moved. A batch without replayed images logs 0."""
+    (train/distill, logged every step by the slice): zero at step 1 up to float rounding (the
+    adapter is still the base, whose outputs are recomputed on the replayed images alone), and
+    positive once it has moved. A batch without replayed images would log 0 at every step."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     metrics, run_dir = run([*SLICE, "experiment=no_forgetting", "trainer.max_steps=3", f"base={pretrained[1]}"], outputs, "replay")
@@ -138,4 +139,4 @@ def test_replay_experiment_replays_and_distills(pretrained, outputs):
         accumulator = EventAccumulator(str(events))
         accumulator.Reload()
         distill += [e.value for e in accumulator.Scalars("train/distill")] if "train/distill" in accumulator.Tags()["scalars"] else []
-    assert len(distill) == 3 and distill[0] == 0.0 and min(distill[1:]) > 0
+    assert len(distill) == 3 and abs(distill[0]) < 1e-6 and min(distill[1:]) > 1e-4
