@@ -106,8 +106,10 @@ class Output(Part):
 class PiSSA(Update):
     """PiSSA (Meng et al., 2024), as PEFT's pissa_init: A0, B0 are the top-r singular triplets of W
     divided by the scale, split as sqrt(S), so s·B0 A0 is W's best rank-r approximation. The
-    model computes W + s(B A − B0 A0): the same function and gradients as PEFT's residual base
-    W − s·B0 A0 plus s·B A, while W itself stays the pretrained one."""
+    model computes W + s(B A − B0 A0), W itself staying the pretrained one: without dropout, the
+    function and gradients of PEFT's residual base W − s·B0 A0 plus s·B A. With dropout in
+    training, B0 A0 sees the dropped input as B A does (PEFT's residual applies to the whole
+    input): the function of the converted file this saves, which PEFT loads as plain LoRA."""
 
     def buffers(self, rank, n_in, n_out):
         return {"lora_A0": (rank, n_in), "lora_B0": (n_out, rank)}
