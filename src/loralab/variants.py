@@ -12,9 +12,11 @@ merge: plain LoRA's adds it, y = W x + b + ΔW x. A variant subclasses one of th
 
 A layer holds one update and one output, so they compose by construction: an output sees the
 update only through the layer's ``delta_weight()`` and ``lora_product()``, and DoRA+PiSSA is DoRA
-applied to PiSSA's update. rsLoRA is no class: it is the scale, which ``LoRASpec.scale`` defines.
-Adding a variant is one class here, its name in ``VARIANTS`` (the flag ``variant_flags`` gives for
-its config value) and its invariant tests.
+applied to PiSSA's update. PEFT splits them the same way (DoRA a ``LoraVariant``, PiSSA an init
+in peft/tuners/lora); PiSSA is more than an init here because it keeps W and subtracts its start.
+rsLoRA is no class: it is the scale, which ``LoRASpec.scale`` defines. Adding a variant is one
+class here, keyed in ``VARIANTS`` by the flag ``variant_flags`` gives for its config value, and
+its invariant tests.
 
 Tensors stay on the layer, named ``lora_*`` (the prefix every freeze, optimizer and save relies
 on): a variant declares its own in ``parameters`` and ``buffers`` and fills them in ``reset``.
