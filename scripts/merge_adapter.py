@@ -31,6 +31,7 @@ def merge(base: Path, adapter: Path, out: Path, sizes: list[int], name: str) -> 
         raise LoralabError(f"{out} already exists; choose another output path")
     model, _ = load_base(base / BASE_FILE if base.is_dir() else base, sizes)
     load_adapter(model, adapter)
+    model.eval()  # the adapter's dropout off: the probe compares the merged function, not one draw of it
     probe = torch.randn(256, sizes[0], generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = model(probe)

@@ -108,10 +108,11 @@ def assert_one_line_error(done: subprocess.CompletedProcess, *fragments: str) ->
 
 @torch.no_grad()
 def as_if_trained(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every adapter tensor non-trivial values (B = 0 at init makes any adapter invisible)."""
+    """Give every adapter tensor non-trivial values (B = 0 at init makes any adapter invisible),
+    in a loralab model (``linear1.lora_B``) or a PEFT one (``...linear1.lora_B.default.weight``)."""
     gen = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
-        if is_lora_name(name):
+        if any(is_lora_name(part) for part in name.split(".")):
             p.add_(0.1 * torch.randn(p.shape, generator=gen))
     return model
 

@@ -1,14 +1,17 @@
 """Adapters cross between loralab and Hugging Face PEFT in both directions with the same logits."""
 
+import dataclasses
 import json
 
 import pytest
 import torch
+from packaging.version import Version
 from safetensors import safe_open
 
 from loralab import LoRASpec, inject_lora
 from loralab.adapter import load_adapter, save_adapter
 from loralab.model import MLP
+from loralab.spec import PEFT_VERSION
 
 peft = pytest.importorskip("peft")  # a dev dependency: installed by `make test`
 
@@ -57,10 +60,36 @@ def test_peft_config_describes_our_init(tmp_path, init, rank):
     config = peft.LoraConfig.from_pretrained(str(tmp_path))
     with safe_open(str(tmp_path / "adapter_model.safetensors"), "pt") as f:
         assert f.metadata()["loralab_init"] == init
-    assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_version"] == config.peft_version
     theirs = peft.get_peft_model(base_model(), config).base_model.model
     a_ours, a_theirs = ours.linear1.lora_A, theirs.linear1.lora_A["default"].weight  # rank x 784 draws each
     assert not theirs.linear1.lora_B["default"].weight.any()
     same = 0.85 < (a_theirs.std() / a_ours.std()).item() < 1.15
     assert same == (init == "kaiming" or rank == 1)
     assert config.init_lora_weights == ("gaussian" if (init, rank) == ("gaussian", 1) else True)
+
+
+@pytest.mark.parametrize("settings", [
+    {"rank": 1, "alpha": 1},
+    {"rank": 4, "alpha": 8, "init": "kaiming", "targets": "linear[13]"},
+    {"rank": 2, "alpha": 4, "dora": True, "rslora": True, "dropout": 0.1},
+    {"rank": 2, "alpha": 4, "init": "pissa", "rslora": True},
+], ids=["seeds", "regex", "dora+rslora+dropout", "pissa+rslora"])
+def test_adapter_config_is_peft_loraconfig_as_peft_writes_it(tmp_path, settings):
+    """Every key of adapter_config.json is a field of the installed PEFT's LoraConfig, PEFT reads
+    back each value as written, and PEFT saving a model of that config writes the same values;
+    the installed PEFT is PEFT_VERSION's release (major.minor) or later."""
+    ours = base_model()
+    inject_lora(ours, LoRASpec(**settings))
+    save_adapter(ours, tmp_path / "ours", SIZES)
+    written = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert written.keys() <= {f.name for f in dataclasses.fields(peft.LoraConfig)}
+    config = peft.LoraConfig.from_pretrained(str(tmp_path / "ours"))
+
+    def comparable(key, value):  # PEFT holds a list of target names as a set
+        return set(value) if key == "target_modules" and not isinstance(value, str) else value
+
+    assert {k: comparable(k, getattr(config, k)) for k in written} == {k: comparable(k, v) for k, v in written.items()}
+    peft.get_peft_model(base_model(), config).save_pretrained(str(tmp_path / "theirs"))
+    theirs = json.loads((tmp_path / "theirs" / "adapter_config.json").read_text())
+    assert {k: comparable(k, theirs[k]) for k in written if k != "peft_version"} == {k: comparable(k, v) for k, v in written.items() if k != "peft_version"}
+    assert Version(peft.__version__).release[:2] >= Version(PEFT_VERSION).release[:2] == Version(written["peft_version"]).release[:2]

@@ -8,7 +8,19 @@ import torch
 import torch.nn.functional as F
 
 from conftest import ALL_LAYERS, SMALL, as_if_trained
-from loralab import MLP, LoRASpec, inject_lora, is_lora_name, load_adapter, lora_disabled, lora_layers, merge_lora, save_adapter, unmerge_lora
+from loralab import (
+    MLP,
+    LoRASpec,
+    inject_lora,
+    is_lora_name,
+    load_adapter,
+    lora_disabled,
+    lora_layers,
+    mark_only_lora_trainable,
+    merge_lora,
+    save_adapter,
+    unmerge_lora,
+)
 from loralab.classifier import Classifier
 
 peft = pytest.importorskip("peft")  # a dev dependency: installed by `make test`
@@ -21,6 +33,8 @@ VARIANTS = {
     "pissa+rslora": {"init": "pissa", "rslora": True},
     "dora+pissa": {"dora": True, "init": "pissa"},
     "dora+rslora+dropout": {"dora": True, "rslora": True, "dropout": 0.1},
+    "pissa+dropout": {"init": "pissa", "dropout": 0.2},
+    "dora+pissa+dropout": {"dora": True, "init": "pissa", "dropout": 0.2},
 }
 X = torch.randn(16, 784, generator=torch.Generator().manual_seed(42))
 
@@ -74,13 +88,25 @@ def test_saved_adapter_reloads_to_the_same_model(variant, tmp_path):
     assert torch.allclose(fresh.eval()(X), model(X), atol=1e-5)
 
 
-@pytest.mark.parametrize("variant", [v for v in VARIANTS if "dropout" not in v])
-def test_loralab_files_load_in_peft_with_the_same_logits(variant, tmp_path):
+def seeded(model, seed: int = 7) -> torch.Tensor:
+    """The model's logits on X with the global generator seeded first: two models that draw their
+    dropout masks in the same order (one per layer, same shapes) draw the same ones."""
+    torch.manual_seed(seed)
+    return model(X)
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_loralab_files_load_in_peft_with_the_same_logits(variant, mode, tmp_path):
     model = adapted(variant)
     save_adapter(model, tmp_path, SMALL)
-    theirs = peft.PeftModel.from_pretrained(base_model(), str(tmp_path)).eval()
+    theirs = peft.PeftModel.from_pretrained(base_model(), str(tmp_path))
+    model.train(mode == "train")
+    theirs.train(mode == "train")
     with torch.no_grad():
-        assert torch.allclose(theirs(X), model(X), atol=1e-5)
+        assert torch.allclose(seeded(theirs), seeded(model), atol=1e-5)
+        if "dropout" in variant and mode == "train":
+            assert not torch.allclose(seeded(model), seeded(model, seed=8), atol=1e-3)  # the dropout really acts
 
 
 @pytest.mark.parametrize("rslora", [False, True])
@@ -96,20 +122,28 @@ def test_peft_dora_files_load_here_with_the_same_logits(tmp_path, rslora):
         assert torch.allclose(ours(X), theirs(X), atol=1e-5)
 
 
-def test_dora_gradients_match_peft():
-    """The norm is detached (DoRA paper, section 4.3) and the bias is not rescaled, as in PEFT."""
-    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=list(ALL_LAYERS), use_dora=True)
-    theirs = as_if_trained(peft.get_peft_model(base_model(), config))
-    ours = adapted("dora", trained=False)
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_dora_outputs_and_gradients_match_peft_in_training(dropout):
+    """The norm is detached (DoRA paper, section 4.3) and the bias is not rescaled, as in PEFT;
+    with dropout, PEFT's DoRA feeds the dropped input to both W x and B A x
+    (DoraLinearVariant.forward and DoraLinearLayer.forward in peft/tuners/lora), and so do we."""
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=list(ALL_LAYERS), use_dora=True, lora_dropout=dropout)
+    theirs = as_if_trained(peft.get_peft_model(base_model(), config)).train()
+    ours = base_model()
+    inject_lora(ours, LoRASpec(rank=2, alpha=4, targets=ALL_LAYERS, dora=True, dropout=dropout))
     with torch.no_grad():
         for name, layer in lora_layers(ours).items():
             peft_layer = theirs.base_model.model.get_submodule(name)
             layer.lora_A.copy_(peft_layer.lora_A["default"].weight)
             layer.lora_B.copy_(peft_layer.lora_B["default"].weight)
             layer.lora_magnitude_vector.copy_(peft_layer.lora_magnitude_vector["default"].weight)
-    y = torch.randint(0, 10, (16,))
-    F.cross_entropy(ours(X), y).backward()
-    F.cross_entropy(theirs(X), y).backward()
+    y = torch.randint(0, 10, (16,), generator=torch.Generator().manual_seed(0))
+    logits = seeded(ours)
+    assert torch.allclose(logits, seeded(theirs), atol=1e-5)
+    if dropout:
+        assert not torch.allclose(logits, seeded(ours, seed=8), atol=1e-3)  # the dropout really acts
+    F.cross_entropy(seeded(ours), y).backward()
+    F.cross_entropy(seeded(theirs), y).backward()
     for name, layer in lora_layers(ours).items():
         peft_layer = theirs.base_model.model.get_submodule(name)
         assert torch.allclose(layer.lora_A.grad, peft_layer.lora_A["default"].weight.grad, atol=1e-6)
@@ -123,15 +157,42 @@ def test_dora_magnitude_starts_at_the_row_norms():
         assert torch.equal(layer.lora_magnitude_vector, torch.linalg.norm(layer.base_layer.weight, dim=1))
 
 
-def test_pissa_starts_on_the_principal_part_as_peft_does():
-    theirs = peft.get_peft_model(base_model(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=list(ALL_LAYERS), init_lora_weights="pissa"))
-    ours = adapted("pissa", trained=False)
+@pytest.mark.parametrize("variant", ["pissa", "pissa+rslora"])
+def test_pissa_starts_on_the_principal_part_as_peft_does(variant):
+    """A0 and B0 are PEFT's own pissa_init factors of the same W (sqrt(S / s) on each side, not
+    only their product), s B0 A0 is W's best rank-r approximation (Eckart-Young: what is left
+    holds exactly the other singular values), and PEFT's residual base is W minus it."""
+    rslora = variant == "pissa+rslora"
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=list(ALL_LAYERS), init_lora_weights="pissa", use_rslora=rslora)
+    theirs = peft.get_peft_model(base_model(), config)
+    ours = adapted(variant, trained=False)
     for name, layer in lora_layers(ours).items():
         peft_layer = theirs.base_model.model.get_submodule(name)
-        principal = peft_layer.scaling["default"] * peft_layer.lora_B["default"].weight @ peft_layer.lora_A["default"].weight
-        assert torch.allclose(layer.scale * layer.lora_B0 @ layer.lora_A0, principal, atol=1e-5)
-        assert torch.equal(layer.lora_A, layer.lora_A0) and torch.equal(layer.lora_B, layer.lora_B0)
-        assert torch.equal(layer.base_layer.weight, base_model().get_submodule(name).weight)  # W is never rewritten
+        weight = base_model().get_submodule(name).weight.detach()
+        assert torch.allclose(layer.lora_A0, peft_layer.lora_A["default"].weight, atol=1e-6)
+        assert torch.allclose(layer.lora_B0, peft_layer.lora_B["default"].weight, atol=1e-6)
+        principal = layer.scale * layer.lora_B0 @ layer.lora_A0
+        singular = torch.linalg.svdvals(weight)
+        assert torch.linalg.matrix_rank(principal) == 2
+        assert torch.allclose(torch.linalg.svdvals(weight - principal)[: len(singular) - 2], singular[2:], atol=1e-5)
+        assert torch.allclose(peft_layer.base_layer.weight, weight - principal, atol=1e-6)
+        assert torch.equal(layer.base_layer.weight, weight)  # W is never rewritten
+
+
+def test_pissa_start_stays_frozen_while_a_and_b_train():
+    """A0 and B0 are buffers: saved in the state dict, never given to the optimizer."""
+    model = adapted("pissa", trained=False)
+    mark_only_lora_trainable(model)
+    start = {name: t.clone() for name, t in model.state_dict().items() if name.endswith(("lora_A0", "lora_B0"))}
+    assert len(start) == 6 and not start.keys() & dict(model.named_parameters()).keys()
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(model(X), torch.arange(16) % 10).backward()
+        opt.step()
+    for name, layer in lora_layers(model).items():
+        assert torch.equal(layer.lora_A0, start[f"{name}.lora_A0"]) and torch.equal(layer.lora_B0, start[f"{name}.lora_B0"])
+        assert not torch.allclose(layer.lora_A, layer.lora_A0, atol=1e-4)  # A (and B) moved away from the start
 
 
 @pytest.mark.parametrize("variant, saved_alpha", [("pissa", 8.0), ("pissa+rslora", 4 * 2**0.5)])

@@ -20,12 +20,12 @@ from loralab.inject import (
     linear_layers,
     load_lora_state_dict,
     lora_layers,
-    lora_state_dict,
     remove_lora,
     resolve_targets,
     set_lora_enabled,
 )
 from loralab.lora import INITS, LoRASpec, is_lora_name
+from loralab.variants import parameter_shapes
 from loralab.weights import fingerprint, read_safetensors
 
 log = logging.getLogger(__name__)
@@ -46,14 +46,9 @@ def from_peft_key(key: str) -> str:
 
 
 def saved_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter as it is saved: it applies to the original base, so PiSSA's trained A and B
-    travel with the frozen start they are measured from (A' = [A; A0], B' = [B, -B0])."""
-    tensors = lora_state_dict(model)
-    for name, layer in lora_layers(model).items():
-        if layer.spec.init == "pissa":
-            tensors[f"{name}.lora_A"] = torch.cat([layer.lora_A, layer.lora_A0]).detach()
-            tensors[f"{name}.lora_B"] = torch.cat([layer.lora_B, -layer.lora_B0], dim=1).detach()
-    return tensors
+    """The adapter as it is saved, for the original base: each layer's tensors in its variants'
+    saved form (PiSSA's as plain LoRA: A' = [A; A0], B' = [B, -B0])."""
+    return {f"{name}.{key}": t for name, layer in lora_layers(model).items() for key, t in layer.saved_tensors().items()}
 
 
 def adapter_spec(model: nn.Module) -> LoRASpec:
@@ -130,9 +125,7 @@ def check_fits(model: nn.Module, spec: LoRASpec, state: dict, source: str) -> No
     expected = {}
     for name in names:
         base = getattr(layers[name], "base_layer", layers[name])
-        expected |= {f"{name}.lora_A": (spec.rank, base.in_features), f"{name}.lora_B": (base.out_features, spec.rank)}
-        if spec.dora:
-            expected[f"{name}.lora_magnitude_vector"] = (base.out_features,)
+        expected |= {f"{name}.{key}": shape for key, shape in parameter_shapes(spec, base.in_features, base.out_features).items()}
     found = {key: tuple(t.shape) for key, t in state.items()}
     if found != expected:
         wrong = sorted(k for k in found.keys() | expected.keys() if found.get(k) != expected.get(k))[0]
