@@ -31,11 +31,11 @@ from loralab.classifier import Classifier
 from loralab.data import DigitBatchSampler, load_tensors
 from loralab.files import write_json
 from loralab.inject import inject_lora, lora_layers, mark_only_lora_trainable, remove_lora
-from loralab.lora import LoRASpec
 from loralab.malloc import keep_freed_memory
 from loralab.mnist import ensure_mnist
 from loralab.model import MLP
 from loralab.optim import adam
+from loralab.spec import LoRASpec
 from loralab.weights import load_base, save_base
 from seeds_reference import DenseLoRA  # beside this file: a script's directory is on sys.path
 from startup import ROOT

@@ -24,7 +24,8 @@ from loralab.inject import (
     resolve_targets,
     set_lora_enabled,
 )
-from loralab.lora import INITS, LoRASpec, is_lora_name
+from loralab.lora import is_lora_name
+from loralab.spec import INITS, LoRASpec
 from loralab.variants import parameter_shapes
 from loralab.weights import fingerprint, read_safetensors
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from loralab.spec import INITS, LoRASpec, variant_flags  # noqa: F401 - the spec is part of this module's API
+from loralab.spec import LoRASpec, variant_flags
 from loralab.variants import compose
 
 PREFIX = "lora_"

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loralab.files import write_text
-from loralab.lora import INITS, LoRASpec
 from loralab.results import Shift, TestResult
+from loralab.spec import INITS, LoRASpec
 
 CARD_FILE = "README.md"
 
