@@ -1,4 +1,5 @@
-"""The LightningModule: cross-entropy, Adam, and per-digit metrics from torchmetrics.
+"""The LightningModule: cross-entropy, Adam, and per-digit metrics from torchmetrics. What a run
+measures besides (step time, optimizer state, divergence) is in loralab.monitors.
 
 Metric names are ``split/name``: ``val/acc``, ``test/err_d9``, ``test/wrong_target``. "target"
 means the digits being trained on, "other" the rest, so forgetting shows up on its own curve.
@@ -6,8 +7,6 @@ means the digits being trained on, "other" the rest, so forgetting shows up on i
 
 from __future__ import annotations
 
-import statistics
-import time
 from pathlib import Path
 
 import lightning as L
@@ -18,7 +17,7 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from loralab.errors import ArtifactError, DivergedError
+from loralab.errors import ArtifactError
 from loralab.inject import inject_lora, lora_disabled, lora_layers, mark_only_lora_trainable
 from loralab.lora import is_lora_name
 from loralab.model import MLP
@@ -123,22 +122,9 @@ class Classifier(L.LightningModule):
             if logging_step:
                 self.log("train/distill", distill)
             loss = loss + self.distill * distill
-        self.check_finite(loss)
         if logging_step:
             self.log("train/loss", loss, prog_bar=True)
         return loss
-
-    def check_finite(self, loss: torch.Tensor) -> None:
-        """Stop at the first NaN or inf loss, before its backward and optimizer step: every later
-        step would be NaN too, and the run would still save an adapter and report ~10 % accuracy.
-        Lightning re-raises it (after its on_exception hooks); the CLI prints it as one line.
-        (Lightning 2 has no terminate_on_nan; detect_anomaly is autograd's debugging mode, which
-        checks every backward op and ends in a traceback.)"""
-        if not torch.isfinite(loss):
-            raise DivergedError(
-                f"training diverged: the loss is {loss.item()} at step {self.global_step + 1} (epoch {self.current_epoch}); "
-                f"lower the learning rate, e.g. optim.lr={self.lr / 10:g} (now {self.lr:g})"
-            )
 
     def logging_step(self) -> bool:
         """Whether the logger writes this step: each self.log costs ~1 ms of Lightning's
@@ -161,27 +147,6 @@ class Classifier(L.LightningModule):
                 with lora_disabled(self.model):
                     base = self.model(x)
         return F.kl_div(F.log_softmax(logits, dim=1), F.log_softmax(base, dim=1), log_target=True, reduction="batchmean")
-
-    def on_train_batch_start(self, batch, batch_idx) -> None:
-        self._step_start = time.perf_counter()
-
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        self._step_seconds.append(time.perf_counter() - self._step_start)  # forward, backward, optimizer
-
-    def on_train_start(self) -> None:
-        self._step_seconds = []
-
-    def on_train_end(self) -> None:
-        # callback_metrics is what Lightning carries back from spawned ranks to the main process.
-        self.trainer.callback_metrics["step_seconds"] = torch.tensor(statistics.median(self._step_seconds or [float("nan")]), dtype=torch.float64)
-        state_bytes = sum(
-            t.numel() * t.element_size()
-            for optimizer in self.trainer.optimizers
-            for state in optimizer.state.values()
-            for t in state.values()
-            if torch.is_tensor(t)
-        )
-        self.trainer.callback_metrics["optimizer_state_bytes"] = torch.tensor(float(state_bytes))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """A LoRA run's checkpoint keeps its adapter and the base's fingerprint, not another copy

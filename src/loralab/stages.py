@@ -29,6 +29,7 @@ from loralab.inject import count_parameters, merge_lora, unmerge_lora
 from loralab.methods import make_method
 from loralab.model import MLP
 from loralab.modelcard import AdapterCard, write_card
+from loralab.monitors import monitors
 from loralab.report import digit_table, show
 from loralab.results import Shift, TestResult
 from loralab.runs import BASE_FILE, METRICS_FILE, resolve_base, worst_digits
@@ -56,10 +57,11 @@ def check_batches(cfg: RunConfig, datamodule: MNISTDataModule) -> None:
 
 
 def fit_callbacks(run_dir: Path, module: Classifier, extra: list = ()) -> list:
-    """The resume hint, the method's own, and a learning-rate curve (train/lr) when a scheduler
-    moves the rate (a constant one would only repeat optim.lr)."""
-    monitor = [LearningRateMonitor(logging_interval="step")] if module.scheduler != "none" else []
-    return [ResumeHint(run_dir), *extra, *monitor]
+    """The resume hint, the run's monitors (step time, optimizer state, divergence), the method's
+    own, and a learning-rate curve (train/lr) when a scheduler moves the rate (a constant one
+    would only repeat optim.lr)."""
+    lr_monitor = [LearningRateMonitor(logging_interval="step")] if module.scheduler != "none" else []
+    return [ResumeHint(run_dir), *monitors(module.lr), *extra, *lr_monitor]
 
 
 def provenance() -> dict:
