@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import SLICE, run
+from conftest import EXPENSIVE, SLICE, run
 from loralab import count_parameters, set_lora_enabled
 from loralab.adapter import load_adapter
 from loralab.data import MNISTDataModule
@@ -22,6 +22,17 @@ def scalar_tags(run_dir) -> set[str]:
         acc.Reload()
         tags |= set(acc.Tags()["scalars"])
     return tags
+
+
+def last_scalars(run_dir) -> dict[str, float]:
+    """Each scalar tag's value at the last step it was logged at."""
+    last = {}
+    for events in run_dir.glob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            last[tag] = max(acc.Scalars(tag), key=lambda e: e.step).value
+    return last
 
 
 def test_pretrain_writes_the_contract(pretrained):
@@ -72,6 +83,24 @@ def test_finetune_logs_target_and_other_digit_errors(finetuned):
     tags = scalar_tags(finetuned[1])
     assert {"val/err_target", "val/err_other", "test/err_target", "test/err_other", "test_base/err_target"} <= tags
     assert {"params/lora", "params/trainable"} <= tags
+
+
+def test_finetune_logs_each_digit_against_the_base(finetuned, pretrained, mnist_dir):
+    """At each validation, each digit's wrong count minus the base's on the same images (SLICE's
+    one validation batch), and from those the target digit's gain and the other digits' forgetting."""
+    _, run_dir = finetuned
+    base, _ = load_base(pretrained[1] / "base.safetensors", EXPENSIVE)
+    data = MNISTDataModule(str(mnist_dir), [9])
+    data.setup()
+    x, y = (t[:1000] for t in data.val_set.tensors)
+    with torch.no_grad():
+        wrong = base(x).argmax(dim=1) != y
+    base_wrong = [int((wrong & (y == d)).sum()) for d in range(10)]
+    logged = last_scalars(run_dir)
+    change = [logged[f"val/wrong_d{d}"] - base_wrong[d] for d in range(10)]
+    assert [logged[f"val/wrong_change_d{d}"] for d in range(10)] == change
+    assert logged["val/target_gain"] == -change[9] > 0
+    assert logged["val/forgetting"] == sum(change[:9])
 
 
 def test_saved_adapter_reproduces_the_trained_logits(finetuned, pretrained, mnist_dir):

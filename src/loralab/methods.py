@@ -5,15 +5,14 @@ started from, and saves what it trained."""
 from __future__ import annotations
 
 import copy
-import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
 from torch import nn
 
 from loralab.adapter import save_adapter
-from loralab.callbacks import LoRAFinetuning
 from loralab.config import RunConfig
+from loralab.finetuning import LoRAFinetuning
 from loralab.inject import lora_disabled
 from loralab.results import TestResult
 from loralab.runs import FULL_FILE
@@ -30,23 +29,19 @@ class BaseChangedError(RuntimeError):
 class LoRAMethod:
     name = "lora"
 
-    def __init__(self, spec: LoRASpec, model: nn.Module):
+    def __init__(self, spec: LoRASpec, model: nn.Module, base_path: Path):
         self.spec = spec
-        self.callback = LoRAFinetuning(spec)
         self.base_sha256 = fingerprint(model)
+        self.callback = LoRAFinetuning(spec, base_path, self.base_sha256)
         self.frozen_base = None  # distillation's base is the model with its adapters off
 
     def callbacks(self) -> list:
         return [self.callback]
 
     def prepare(self, module) -> None:
-        # Injected here as well as in every rank's setup (idempotent): ddp_spawn hands rank 0's
-        # weights back to this process, and only a model with the same adapters takes them.
-        self.callback.freeze_before_training(module)
-
-    def checkpoint_hparams(self, base_path: Path) -> dict:
-        """What a checkpoint holding only the adapter needs to be loaded on its own."""
-        return {"lora": dataclasses.asdict(self.spec), "base": str(base_path.resolve()), "base_sha256": self.base_sha256}
+        # In this process, before any test or fit: ddp_spawn's ranks train copies of this module,
+        # and rank 0's weights come back into it.
+        self.callback.attach(module)
 
     def test_before_fit(self, test: Test) -> TestResult | None:
         return None  # the adapters switch off after training: the base is tested then
@@ -88,9 +83,6 @@ class FullMethod:
     def prepare(self, module) -> None:
         pass
 
-    def checkpoint_hparams(self, base_path: Path) -> dict:
-        return {}  # the checkpoint holds the whole model
-
     def test_before_fit(self, test: Test) -> TestResult:
         self.before = test("test_base")  # no adapter to switch off afterwards
         return self.before
@@ -112,5 +104,5 @@ class FullMethod:
         return "full fine-tune"
 
 
-def make_method(cfg: RunConfig, model: nn.Module) -> LoRAMethod | FullMethod:
-    return LoRAMethod(cfg.lora, model) if cfg.method == "lora" else FullMethod(model, cfg.distill)
+def make_method(cfg: RunConfig, model: nn.Module, base_path: Path) -> LoRAMethod | FullMethod:
+    return LoRAMethod(cfg.lora, model, base_path) if cfg.method == "lora" else FullMethod(model, cfg.distill)

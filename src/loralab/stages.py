@@ -121,14 +121,14 @@ def finetune(cfg: RunConfig, run_dir: Path) -> dict:
     log.info("fine-tuning base %s on digits %s", base_path, digits)
     datamodule = make_datamodule(cfg, digits)
     check_batches(cfg, datamodule)
-    method = make_method(cfg, model)
+    method = make_method(cfg, model, base_path)
     module = Classifier(model, lr=cfg.lr, target_digits=digits, scheduler=cfg.scheduler, distill=cfg.distill,
-                        frozen_base=method.frozen_base, loraplus_ratio=cfg.loraplus_ratio, **method.checkpoint_hparams(base_path))
+                        frozen_base=method.frozen_base, loraplus_ratio=cfg.loraplus_ratio)
     ckpt = resume_checkpoint(cfg)
     trainer = make_trainer(cfg, run_dir, fit_callbacks(run_dir, module, method.callbacks()), checkpoint=True)
     add_forgetting_chart(trainer)
     test = partial(run_test, tester(trainer, cfg, run_dir), module, datamodule)
-    method.prepare(module)
+    method.prepare(module)  # LoRA: the adapters are attached here, once
     method.test_before_fit(test)
     fitted = fit(trainer, module, datamodule, ckpt)
     base_unchanged = method.base_unchanged(model)
