@@ -11,7 +11,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from conftest import EXPENSIVE, SLICE, run
 from loralab import count_parameters, set_lora_enabled
 from loralab.adapter import load_adapter
+from loralab.classifier import Classifier
 from loralab.data import MNISTDataModule
+from loralab.methods import BaseChangedError
 from loralab.weights import fingerprint, load_base
 
 
@@ -73,7 +75,7 @@ def test_finetune_writes_the_contract(finetuned, pretrained):
         "rank": 1, "alpha": 1.0, "scale": 1.0, "targets": ["linear1", "linear2", "linear3"]}
     # Adapters off must reproduce the pretrained model's test exactly.
     assert metrics["test_base"] == base_metrics["test"]
-    assert metrics["base_sha256"] == base_metrics["base_sha256"] and metrics["base_unchanged"] is True
+    assert metrics["base_sha256"] == base_metrics["base_sha256"] == metrics["base_sha256_after"] and metrics["base_unchanged"] is True
     assert metrics["base_file_sha256"] == hashlib.sha256((base_dir / "base.safetensors").read_bytes()).hexdigest()
     assert metrics["test"] != metrics["test_base"]  # the adapter did something
     assert (run_dir / "adapter_model.safetensors").stat().st_size < 40_000
@@ -101,6 +103,23 @@ def test_finetune_logs_each_digit_against_the_base(finetuned, pretrained, mnist_
     assert [logged[f"val/wrong_change_d{d}"] for d in range(10)] == change
     assert logged["val/target_gain"] == -change[9] > 0
     assert logged["val/forgetting"] == sum(change[:9])
+
+
+def test_a_base_changed_during_training_stops_the_run(pretrained, outputs, monkeypatch):
+    """A training step that writes into a frozen base weight: the fingerprints before and after
+    training differ, and the run stops before writing metrics.json or an adapter."""
+    step = Classifier.training_step
+
+    def tampering_step(self, batch, batch_idx):
+        with torch.no_grad():
+            self.model.linear2.base_layer.weight[0, 0] += 1.0
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(Classifier, "training_step", tampering_step)
+    with pytest.raises(BaseChangedError) as changed:
+        run([*SLICE, "stage=finetune", "trainer.max_steps=3", f"base={pretrained[1]}"], outputs, "tampered")
+    assert changed.value.before == pretrained[0]["base_sha256"] != changed.value.after
+    assert not (outputs / "tampered" / "metrics.json").exists() and not (outputs / "tampered" / "adapter_model.safetensors").exists()
 
 
 def test_saved_adapter_reproduces_the_trained_logits(finetuned, pretrained, mnist_dir):

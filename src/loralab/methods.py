@@ -1,6 +1,6 @@
 """The two ways the fine-tune stage trains a base: LoRA adapters on a frozen base, or every
 parameter (the baseline LoRA is measured against). Each sets itself up, tests the base it
-started from, and saves what it trained."""
+started from, compares the base before and after, and saves what it trained."""
 
 from __future__ import annotations
 
@@ -25,6 +25,16 @@ Test = Callable[[str], TestResult]  # runs the test set, logged under the given 
 class BaseChangedError(RuntimeError):
     """The frozen base weights changed during LoRA training: a bug, never a silent pass."""
 
+    def __init__(self, before: str, after: str):
+        super().__init__(f"base weights changed during LoRA training: sha256 {before} -> {after}")
+        self.before, self.after = before, after
+
+
+def base_comparison(before: str, after: str | None) -> dict:
+    """metrics.json's record of the comparison: the fingerprint after training (None where
+    nothing is compared) and whether it is the one before."""
+    return {"base_sha256_after": after, "base_unchanged": None if after is None else after == before}
+
 
 class LoRAMethod:
     name = "lora"
@@ -46,19 +56,20 @@ class LoRAMethod:
     def test_before_fit(self, test: Test) -> TestResult | None:
         return None  # the adapters switch off after training: the base is tested then
 
-    def base_unchanged(self, model: nn.Module) -> bool:
-        """Checked on the weights the run keeps (under ddp_spawn, the ones rank 0 sent back)."""
-        after = fingerprint(model)
-        if after != self.base_sha256:
-            raise BaseChangedError(f"base weights changed during LoRA training: sha256 {self.base_sha256} -> {after}")
-        return True
+    def compare_base(self, model: nn.Module) -> dict:
+        """On the weights the run keeps (under ddp_spawn, the ones rank 0 sent back). A changed
+        base stops the run before any artifact is written."""
+        comparison = base_comparison(self.base_sha256, fingerprint(model))
+        if not comparison["base_unchanged"]:
+            raise BaseChangedError(self.base_sha256, comparison["base_sha256_after"])
+        return comparison
 
     def test_base(self, test: Test, model: nn.Module) -> TestResult:
         with lora_disabled(model):
             return test("test_base")
 
     def save(self, model: nn.Module, run_dir: Path, cfg: RunConfig) -> dict[str, Path]:
-        return save_adapter(model, run_dir, list(cfg.sizes), self.base_sha256)  # base_unchanged has confirmed it
+        return save_adapter(model, run_dir, list(cfg.sizes), self.base_sha256)  # compare_base has confirmed it
 
     def summary(self) -> dict:
         return self.spec.to_dict()
@@ -87,8 +98,8 @@ class FullMethod:
         self.before = test("test_base")  # no adapter to switch off afterwards
         return self.before
 
-    def base_unchanged(self, model: nn.Module) -> None:
-        return None  # the base is what a full fine-tune trains
+    def compare_base(self, model: nn.Module) -> dict:
+        return base_comparison(self.base_sha256, None)  # the base is what a full fine-tune trains
 
     def test_base(self, test: Test, model: nn.Module) -> TestResult:
         return self.before

@@ -131,7 +131,7 @@ def finetune(cfg: RunConfig, run_dir: Path) -> dict:
     method.prepare(module)  # LoRA: the adapters are attached here, once
     method.test_before_fit(test)
     fitted = fit(trainer, module, datamodule, ckpt)
-    base_unchanged = method.base_unchanged(model)
+    base_comparison = method.compare_base(model)
     start = time.perf_counter()
     result = test("test")
     test_s = time.perf_counter() - start
@@ -149,7 +149,7 @@ def finetune(cfg: RunConfig, run_dir: Path) -> dict:
         "base": str(base_path),
         "base_sha256": method.base_sha256,
         "base_file_sha256": base_file_sha,
-        "base_unchanged": base_unchanged,
+        **base_comparison,
         "optimizer_state_bytes": fitted.optimizer_state_bytes,
         "artifact_bytes": sum(Path(p).stat().st_size for p in artifacts.values()),
         "seconds": {"fit": fitted.seconds, "test": test_s, "step": fitted.step_seconds},
