@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 DATA_DIR = Path(os.environ.get("LORALAB_DATA_DIR", ROOT / "data")).resolve()
 SMALL = [784, 32, 16, 10]
+EXPENSIVE = [784, 1000, 2000, 10]  # ExpensiveNet, the model every stage trains by default
 ALL_LAYERS = ("linear1", "linear2", "linear3")
 
 # A fast, real slice: a few batches of real MNIST through the real Trainer.

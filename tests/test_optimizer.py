@@ -3,7 +3,6 @@ Adam, bit-identical to torch's reference (one tensor at a time) Adam, so the pub
 what they were; adapters train with fused Adam, which ends a fine-tune within rounding of it."""
 
 import copy
-import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +47,7 @@ def lora_classifiers() -> tuple[Classifier, Classifier]:
     model, spec = MLP([784, 1000, 2000, 10]), LoRASpec(rank=4, alpha=4, targets=["linear1", "linear2", "linear3"])
     inject_lora(model, spec)
     mark_only_lora_trainable(model)
-    return tuple(Classifier(copy.deepcopy(model), lr=1e-3, lora=dataclasses.asdict(spec)) for _ in range(2))
+    return tuple(Classifier(copy.deepcopy(model), lr=1e-3) for _ in range(2))
 
 
 def test_adapters_train_with_fused_adam_and_end_where_foreach_ends(mnist_dir):

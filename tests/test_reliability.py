@@ -80,6 +80,24 @@ def test_killed_finetune_resumes_mid_epoch_to_the_same_result(pretrained, tmp_pa
     assert (killed_dir / "checkpoints" / "last.ckpt").stat().st_size < 1_000_000
 
 
+def test_killed_full_finetune_resumes_mid_epoch_to_the_same_result(pretrained, tmp_path):
+    """The whole network and its Adam state come back from the checkpoint; the frozen copy that
+    distillation compares against is left out of it and filled back in from the base."""
+    overrides = [*finetune_overrides(pretrained[1]), "finetune.method=full", "finetune.distill=1.0"]
+    uninterrupted, _ = run(overrides, tmp_path, "whole")
+    killed_dir = tmp_path / "killed"
+    proc = start_and_wait_for_checkpoint(overrides, killed_dir)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert not (killed_dir / "metrics.json").exists()
+    assert torch.load(killed_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] < 300
+    done = train_py(*overrides, f"resume={killed_dir}", f"hydra.run.dir={tmp_path / 'resumed'}")
+    assert done.returncode == 0, done.stderr
+    resumed = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
+    assert resumed["test"] == uninterrupted["test"] != resumed["test_base"] == uninterrupted["test_base"]
+    assert resumed["optimizer_state_bytes"] == uninterrupted["optimizer_state_bytes"]
+
+
 def test_sigterm_stops_cleanly_and_prints_the_resume_command(pretrained, tmp_path):
     # Long enough (1,000 steps, seconds) that the signal, sent at the first checkpoint, lands mid-training.
     overrides = [*finetune_overrides(pretrained[1]), "trainer.max_steps=1000", "trainer.val_check_interval=50"]

@@ -2,14 +2,18 @@
 with a scheduler logs its learning-rate curve."""
 
 import lightning as L
+import pytest
 import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import DATA_DIR, SLICE, train_py
+from conftest import DATA_DIR, EXPENSIVE, SLICE, run, train_py
+from loralab.adapter import load_adapter
 from loralab.classifier import Classifier
 from loralab.data import MNISTDataModule
+from loralab.inject import lora_layers
 from loralab.trainer import checkpoint_file, run_test
+from loralab.weights import load_base
 
 
 def result_of(module: Classifier, digits: list[int]) -> dict:
@@ -21,7 +25,7 @@ def result_of(module: Classifier, digits: list[int]) -> dict:
 def test_pretrain_checkpoint_alone_gives_the_runs_test_result(pretrained):
     metrics, run_dir = pretrained
     module = Classifier.load_from_checkpoint(checkpoint_file(run_dir), weights_only=True)
-    assert module.hparams.sizes == metrics["model"]["sizes"] and module.hparams.base is None
+    assert module.hparams.sizes == metrics["model"]["sizes"] and not lora_layers(module.model)
     assert result_of(module, metrics["digits"]) == metrics["test"]
 
 
@@ -30,10 +34,30 @@ def test_lora_checkpoint_alone_gives_the_runs_test_result(finetuned):
     ckpt = checkpoint_file(run_dir)
     saved = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert all("lora_" in k for k in saved["state_dict"])  # the adapter only, not another copy of the base
+    assert saved["base"] == metrics["base"] and saved["base_sha256"] == metrics["base_sha256"]
+    assert saved["lora"]["rank"] == metrics["lora"]["rank"]
     module = Classifier.load_from_checkpoint(ckpt, weights_only=True)
-    assert module.hparams.base == metrics["base"] and module.hparams.base_sha256 == metrics["base_sha256"]
-    assert module.hparams.lora["rank"] == metrics["lora"]["rank"]
     assert result_of(module, metrics["digits"]) == metrics["test"]
+
+
+@pytest.mark.parametrize("variant", ["dora", "pissa", "full"])
+def test_variant_checkpoint_alone_gives_the_finished_runs_model(pretrained, outputs, variant):
+    """The last checkpoint (at the last step) loads into the model the run finished with: its
+    test result, and the outputs of the file the run saved (the base with its adapter loaded)."""
+    metrics, run_dir = run([*SLICE, "stage=finetune", "trainer.max_steps=20", "trainer.val_check_interval=10",
+                            f"base={pretrained[1]}", f"variant={variant}"], outputs, f"ckpt-{variant}")
+    module = Classifier.load_from_checkpoint(checkpoint_file(run_dir), weights_only=True)
+    assert result_of(module, metrics["digits"]) == metrics["test"] != metrics["test_base"]
+    if variant == "full":
+        finished, _ = load_base(run_dir / "model.safetensors", EXPENSIVE)
+    else:
+        finished, _ = load_base(pretrained[1] / "base.safetensors", EXPENSIVE)
+        load_adapter(finished, run_dir)
+    data = MNISTDataModule(str(DATA_DIR))
+    data.setup()
+    x = data.test_set.tensors[0][:1000]
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), finished(x), rtol=1e-5, atol=1e-5)
 
 
 def test_hparams_yaml_holds_the_runs_hyperparameters(pretrained, finetuned):

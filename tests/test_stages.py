@@ -8,10 +8,12 @@ import torch
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import SLICE, run
+from conftest import EXPENSIVE, SLICE, run
 from loralab import count_parameters, set_lora_enabled
 from loralab.adapter import load_adapter
+from loralab.classifier import Classifier
 from loralab.data import MNISTDataModule
+from loralab.methods import BaseChangedError
 from loralab.weights import fingerprint, load_base
 
 
@@ -22,6 +24,17 @@ def scalar_tags(run_dir) -> set[str]:
         acc.Reload()
         tags |= set(acc.Tags()["scalars"])
     return tags
+
+
+def last_scalars(run_dir) -> dict[str, float]:
+    """Each scalar tag's value at the last step it was logged at."""
+    last = {}
+    for events in run_dir.glob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            last[tag] = max(acc.Scalars(tag), key=lambda e: e.step).value
+    return last
 
 
 def test_pretrain_writes_the_contract(pretrained):
@@ -62,7 +75,7 @@ def test_finetune_writes_the_contract(finetuned, pretrained):
         "rank": 1, "alpha": 1.0, "scale": 1.0, "targets": ["linear1", "linear2", "linear3"]}
     # Adapters off must reproduce the pretrained model's test exactly.
     assert metrics["test_base"] == base_metrics["test"]
-    assert metrics["base_sha256"] == base_metrics["base_sha256"] and metrics["base_unchanged"] is True
+    assert metrics["base_sha256"] == base_metrics["base_sha256"] == metrics["base_sha256_after"] and metrics["base_unchanged"] is True
     assert metrics["base_file_sha256"] == hashlib.sha256((base_dir / "base.safetensors").read_bytes()).hexdigest()
     assert metrics["test"] != metrics["test_base"]  # the adapter did something
     assert (run_dir / "adapter_model.safetensors").stat().st_size < 40_000
@@ -72,6 +85,41 @@ def test_finetune_logs_target_and_other_digit_errors(finetuned):
     tags = scalar_tags(finetuned[1])
     assert {"val/err_target", "val/err_other", "test/err_target", "test/err_other", "test_base/err_target"} <= tags
     assert {"params/lora", "params/trainable"} <= tags
+
+
+def test_finetune_logs_each_digit_against_the_base(finetuned, pretrained, mnist_dir):
+    """At each validation, each digit's wrong count minus the base's on the same images (SLICE's
+    one validation batch), and from those the target digit's gain and the other digits' forgetting."""
+    _, run_dir = finetuned
+    base, _ = load_base(pretrained[1] / "base.safetensors", EXPENSIVE)
+    data = MNISTDataModule(str(mnist_dir), [9])
+    data.setup()
+    x, y = (t[:1000] for t in data.val_set.tensors)
+    with torch.no_grad():
+        wrong = base(x).argmax(dim=1) != y
+    base_wrong = [int((wrong & (y == d)).sum()) for d in range(10)]
+    logged = last_scalars(run_dir)
+    change = [logged[f"val/wrong_d{d}"] - base_wrong[d] for d in range(10)]
+    assert [logged[f"val/wrong_change_d{d}"] for d in range(10)] == change
+    assert logged["val/target_gain"] == -change[9] > 0
+    assert logged["val/forgetting"] == sum(change[:9])
+
+
+def test_a_base_changed_during_training_stops_the_run(pretrained, outputs, monkeypatch):
+    """A training step that writes into a frozen base weight: the fingerprints before and after
+    training differ, and the run stops before writing metrics.json or an adapter."""
+    step = Classifier.training_step
+
+    def tampering_step(self, batch, batch_idx):
+        with torch.no_grad():
+            self.model.linear2.base_layer.weight[0, 0] += 1.0
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(Classifier, "training_step", tampering_step)
+    with pytest.raises(BaseChangedError) as changed:
+        run([*SLICE, "stage=finetune", "trainer.max_steps=3", f"base={pretrained[1]}"], outputs, "tampered")
+    assert changed.value.before == pretrained[0]["base_sha256"] != changed.value.after
+    assert not (outputs / "tampered" / "metrics.json").exists() and not (outputs / "tampered" / "adapter_model.safetensors").exists()
 
 
 def test_saved_adapter_reproduces_the_trained_logits(finetuned, pretrained, mnist_dir):

@@ -1,4 +1,7 @@
-"""The LightningModule: cross-entropy, Adam, and per-digit metrics from torchmetrics.
+"""The LightningModule: the model, its loss (cross-entropy, with distillation to the base on
+replayed images), Adam, and per-digit metrics from torchmetrics. What a run measures besides
+(step time, optimizer state, divergence) is in loralab.monitors; LoRA's injection, freezing and
+adapter-only checkpoints in loralab.finetuning.
 
 Metric names are ``split/name``: ``val/acc``, ``test/err_d9``, ``test/wrong_target``. "target"
 means the digits being trained on, "other" the rest, so forgetting shows up on its own curve.
@@ -6,8 +9,6 @@ means the digits being trained on, "other" the rest, so forgetting shows up on i
 
 from __future__ import annotations
 
-import statistics
-import time
 from pathlib import Path
 
 import lightning as L
@@ -18,14 +19,12 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from loralab.errors import ArtifactError, DivergedError
-from loralab.inject import inject_lora, lora_disabled, lora_layers, mark_only_lora_trainable
-from loralab.lora import is_lora_name
-from loralab.model import MLP
+from loralab.errors import ArtifactError
+from loralab.finetuning import checkpoint_model
+from loralab.inject import lora_disabled, lora_layers
 from loralab.optim import adam, loraplus_groups
 from loralab.results import NUM_CLASSES, TestResult
-from loralab.spec import LoRASpec
-from loralab.weights import fingerprint, load_base
+from loralab.weights import fingerprint
 
 matplotlib.use("Agg")  # figures go to TensorBoard, never to a screen
 
@@ -40,50 +39,33 @@ def digit_metrics() -> MetricCollection:
     )
 
 
-def rebuild(hparams: dict) -> nn.Module:
-    """The model a checkpoint's state fills: an MLP of its sizes, or, for a LoRA checkpoint, the
-    base file it adapts with the adapters injected (on_load_checkpoint then checks the base)."""
-    if hparams["base"] is None:
-        return MLP(hparams["sizes"])
-    if not Path(hparams["base"]).exists():
-        raise ArtifactError(f"the checkpoint adapts {hparams['base']}, which does not exist; "
-                            "pass base=<pretrain run>/base.safetensors to load_from_checkpoint")
-    model, _ = load_base(hparams["base"], hparams["sizes"])
-    if hparams["lora"] is not None:
-        inject_lora(model, LoRASpec(**hparams["lora"]))
-        mark_only_lora_trainable(model)
-    return model
-
-
 class Classifier(L.LightningModule):
-    """``Classifier.load_from_checkpoint(path)`` rebuilds the module from the hyperparameters it
-    saved: the MLP's sizes and, for a LoRA checkpoint (which holds only the adapter), the base
-    file it adapts, checked against the base's sha256, and the adapter's settings."""
+    """Trains and tests ``model`` (an MLP, adapted or not) on the digits ``target_digits``.
+
+    ``Classifier.load_from_checkpoint(path)`` rebuilds the module from any stage's checkpoint:
+    the MLP of the sizes it saved, or, for a LoRA fine-tune's (which holds only the adapter), the
+    base file it names, checked against the base's fingerprint, with the adapter it trained."""
 
     def __init__(
         self,
-        model: nn.Module | None = None,
+        model: nn.Module,
         lr: float = 1e-3,
         target_digits: list[int] | None = None,
         scheduler: str = "none",
         distill: float = 0.0,
         frozen_base: nn.Module | None = None,
         loraplus_ratio: float | None = None,
-        sizes: list[int] | None = None,
-        lora: dict | None = None,  # dataclasses.asdict(LoRASpec) of a LoRA fine-tune
-        base: str | None = None,  # the absolute path of the base file a LoRA fine-tune adapts
-        base_sha256: str | None = None,
     ):
         super().__init__()
+        self.model = model
         self.target_digits = list(range(NUM_CLASSES)) if target_digits is None else sorted(target_digits)
-        # Plain values only, so a checkpoint loads with weights_only=True; logger=False: the stage
-        # logs the run's hyperparameters itself, with its results.
+        # Plain values only, so a checkpoint loads with weights_only=True; the model's sizes are
+        # what load_from_checkpoint rebuilds it from. logger=False: the stage logs the run's
+        # hyperparameters itself, with its results.
         self.save_hyperparameters({
-            "sizes": [int(n) for n in (sizes or model.sizes)], "lr": lr, "target_digits": self.target_digits,
+            "sizes": [int(n) for n in model.sizes], "lr": lr, "target_digits": self.target_digits,
             "scheduler": scheduler, "distill": distill, "loraplus_ratio": loraplus_ratio,
-            "lora": lora, "base": base, "base_sha256": base_sha256,
         }, logger=False)
-        self.model = rebuild(self.hparams) if model is None else model
         self.lr, self.scheduler, self.loraplus_ratio = lr, scheduler, loraplus_ratio
         # Learning without Forgetting (Li & Hoiem, 2016): on the replayed images of the other
         # digits, also match the base model's output distribution, not only the label. The base
@@ -94,13 +76,20 @@ class Classifier(L.LightningModule):
         self.test_metrics = digit_metrics()
         self.test_split = "test"  # what trainer.run_test logs this test as: test, test_base, ...
 
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: str | Path, base: str | Path | None = None, **kwargs) -> Classifier:
+        """Lightning's, with the model built first from what the checkpoint records; ``base``: the
+        base file a LoRA checkpoint adapts, where it is no longer at the path it names."""
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        return super().load_from_checkpoint(checkpoint_path, model=checkpoint_model(checkpoint, base), **kwargs)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
     def configure_optimizers(self):
-        # Only what is trainable: under LoRA the callback has frozen all but the lora_ parameters.
+        # Only what is trainable: under LoRA, adapt has frozen all but the lora_ parameters.
         trainable = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
-        trains_adapters = self.hparams.lora is not None  # fused Adam for adapters: loralab.optim.adam says why
+        trains_adapters = bool(lora_layers(self.model))  # fused Adam for adapters: loralab.optim.adam says why
         if self.loraplus_ratio:
             optimizer = adam(loraplus_groups(trainable, self.lr, self.loraplus_ratio), self.lr, fused=trains_adapters)
         else:
@@ -123,22 +112,9 @@ class Classifier(L.LightningModule):
             if logging_step:
                 self.log("train/distill", distill)
             loss = loss + self.distill * distill
-        self.check_finite(loss)
         if logging_step:
             self.log("train/loss", loss, prog_bar=True)
         return loss
-
-    def check_finite(self, loss: torch.Tensor) -> None:
-        """Stop at the first NaN or inf loss, before its backward and optimizer step: every later
-        step would be NaN too, and the run would still save an adapter and report ~10 % accuracy.
-        Lightning re-raises it (after its on_exception hooks); the CLI prints it as one line.
-        (Lightning 2 has no terminate_on_nan; detect_anomaly is autograd's debugging mode, which
-        checks every backward op and ends in a traceback.)"""
-        if not torch.isfinite(loss):
-            raise DivergedError(
-                f"training diverged: the loss is {loss.item()} at step {self.global_step + 1} (epoch {self.current_epoch}); "
-                f"lower the learning rate, e.g. optim.lr={self.lr / 10:g} (now {self.lr:g})"
-            )
 
     def logging_step(self) -> bool:
         """Whether the logger writes this step: each self.log costs ~1 ms of Lightning's
@@ -162,43 +138,16 @@ class Classifier(L.LightningModule):
                     base = self.model(x)
         return F.kl_div(F.log_softmax(logits, dim=1), F.log_softmax(base, dim=1), log_target=True, reduction="batchmean")
 
-    def on_train_batch_start(self, batch, batch_idx) -> None:
-        self._step_start = time.perf_counter()
-
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        self._step_seconds.append(time.perf_counter() - self._step_start)  # forward, backward, optimizer
-
-    def on_train_start(self) -> None:
-        self._step_seconds = []
-
-    def on_train_end(self) -> None:
-        # callback_metrics is what Lightning carries back from spawned ranks to the main process.
-        self.trainer.callback_metrics["step_seconds"] = torch.tensor(statistics.median(self._step_seconds or [float("nan")]), dtype=torch.float64)
-        state_bytes = sum(
-            t.numel() * t.element_size()
-            for optimizer in self.trainer.optimizers
-            for state in optimizer.state.values()
-            for t in state.values()
-            if torch.is_tensor(t)
-        )
-        self.trainer.callback_metrics["optimizer_state_bytes"] = torch.tensor(float(state_bytes))
-
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """A LoRA run's checkpoint keeps its adapter and the base's fingerprint, not another copy
-        of the frozen base (kilobytes, not 11 MB); no checkpoint keeps the frozen distillation copy."""
-        state = checkpoint["state_dict"]
-        if lora_layers(self.model):
-            # The fine-tune records the frozen base's fingerprint once; hash only without it.
-            checkpoint["base_sha256"] = self.hparams.base_sha256 or fingerprint(self.model)
-            checkpoint["state_dict"] = {k: v for k, v in state.items() if is_lora_name(k)}
-        else:
-            checkpoint["state_dict"] = {k: v for k, v in state.items() if not k.startswith("frozen_base.")}
+        """No checkpoint keeps the frozen distillation copy: it is the base the run started from."""
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("frozen_base.")}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """A checkpoint may leave out the frozen base and stand for it by its fingerprint (a LoRA
+        fine-tune's does): checked against the base this module holds, which then fills it in."""
         expected = checkpoint.get("base_sha256")
         if expected is not None and expected != fingerprint(self.model):
             raise ArtifactError(f"the checkpoint was trained on a base with sha256 {expected[:12]}…, not the base given now; resume with the same base=")
-        # What was left out on saving is, verified above, what this module holds now.
         for name, tensor in self.state_dict().items():
             checkpoint["state_dict"].setdefault(name, tensor)
 

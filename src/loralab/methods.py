@@ -1,19 +1,18 @@
 """The two ways the fine-tune stage trains a base: LoRA adapters on a frozen base, or every
 parameter (the baseline LoRA is measured against). Each sets itself up, tests the base it
-started from, and saves what it trained."""
+started from, compares the base before and after, and saves what it trained."""
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
 from torch import nn
 
 from loralab.adapter import save_adapter
-from loralab.callbacks import LoRAFinetuning
 from loralab.config import FinetuneSettings
+from loralab.finetuning import LoRAFinetuning
 from loralab.inject import lora_disabled
 from loralab.results import TestResult
 from loralab.runs import FULL_FILE
@@ -26,44 +25,51 @@ Test = Callable[[str], TestResult]  # runs the test set, logged under the given 
 class BaseChangedError(RuntimeError):
     """The frozen base weights changed during LoRA training: a bug, never a silent pass."""
 
+    def __init__(self, before: str, after: str):
+        super().__init__(f"base weights changed during LoRA training: sha256 {before} -> {after}")
+        self.before, self.after = before, after
+
+
+def base_comparison(before: str, after: str | None) -> dict:
+    """metrics.json's record of the comparison: the fingerprint after training (None where
+    nothing is compared) and whether it is the one before."""
+    return {"base_sha256_after": after, "base_unchanged": None if after is None else after == before}
+
 
 class LoRAMethod:
     name = "lora"
 
-    def __init__(self, spec: LoRASpec, model: nn.Module):
+    def __init__(self, spec: LoRASpec, model: nn.Module, base_path: Path):
         self.spec = spec
-        self.callback = LoRAFinetuning(spec)
         self.base_sha256 = fingerprint(model)
+        self.callback = LoRAFinetuning(spec, base_path, self.base_sha256)
         self.frozen_base = None  # distillation's base is the model with its adapters off
 
     def callbacks(self) -> list:
         return [self.callback]
 
     def prepare(self, module) -> None:
-        # Injected here as well as in every rank's setup (idempotent): ddp_spawn hands rank 0's
-        # weights back to this process, and only a model with the same adapters takes them.
-        self.callback.freeze_before_training(module)
-
-    def checkpoint_hparams(self, base_path: Path) -> dict:
-        """What a checkpoint holding only the adapter needs to be loaded on its own."""
-        return {"lora": dataclasses.asdict(self.spec), "base": str(base_path.resolve()), "base_sha256": self.base_sha256}
+        # In this process, before any test or fit: ddp_spawn's ranks train copies of this module,
+        # and rank 0's weights come back into it.
+        self.callback.attach(module)
 
     def test_before_fit(self, test: Test) -> TestResult | None:
         return None  # the adapters switch off after training: the base is tested then
 
-    def base_unchanged(self, model: nn.Module) -> bool:
-        """Checked on the weights the run keeps (under ddp_spawn, the ones rank 0 sent back)."""
-        after = fingerprint(model)
-        if after != self.base_sha256:
-            raise BaseChangedError(f"base weights changed during LoRA training: sha256 {self.base_sha256} -> {after}")
-        return True
+    def compare_base(self, model: nn.Module) -> dict:
+        """On the weights the run keeps (under ddp_spawn, the ones rank 0 sent back). A changed
+        base stops the run before any artifact is written."""
+        comparison = base_comparison(self.base_sha256, fingerprint(model))
+        if not comparison["base_unchanged"]:
+            raise BaseChangedError(self.base_sha256, comparison["base_sha256_after"])
+        return comparison
 
     def test_base(self, test: Test, model: nn.Module) -> TestResult:
         with lora_disabled(model):
             return test("test_base")
 
     def save(self, model: nn.Module, run_dir: Path, cfg: FinetuneSettings) -> dict[str, Path]:
-        return save_adapter(model, run_dir, list(cfg.model.sizes), self.base_sha256)  # base_unchanged has confirmed it
+        return save_adapter(model, run_dir, list(cfg.model.sizes), self.base_sha256)  # compare_base has confirmed it
 
     def summary(self) -> dict:
         return self.spec.to_dict()
@@ -88,15 +94,12 @@ class FullMethod:
     def prepare(self, module) -> None:
         pass
 
-    def checkpoint_hparams(self, base_path: Path) -> dict:
-        return {}  # the checkpoint holds the whole model
-
     def test_before_fit(self, test: Test) -> TestResult:
         self.before = test("test_base")  # no adapter to switch off afterwards
         return self.before
 
-    def base_unchanged(self, model: nn.Module) -> None:
-        return None  # the base is what a full fine-tune trains
+    def compare_base(self, model: nn.Module) -> dict:
+        return base_comparison(self.base_sha256, None)  # the base is what a full fine-tune trains
 
     def test_base(self, test: Test, model: nn.Module) -> TestResult:
         return self.before
@@ -112,5 +115,5 @@ class FullMethod:
         return "full fine-tune"
 
 
-def make_method(cfg: FinetuneSettings, model: nn.Module) -> LoRAMethod | FullMethod:
-    return LoRAMethod(cfg.adapter, model) if cfg.adapter is not None else FullMethod(model, cfg.finetune.distill)
+def make_method(cfg: FinetuneSettings, model: nn.Module, base_path: Path) -> LoRAMethod | FullMethod:
+    return LoRAMethod(cfg.adapter, model, base_path) if cfg.adapter is not None else FullMethod(model, cfg.finetune.distill)

@@ -28,6 +28,7 @@ from loralab.inject import count_parameters, merge_lora, unmerge_lora
 from loralab.methods import make_method
 from loralab.model import MLP
 from loralab.modelcard import AdapterCard, write_card
+from loralab.monitors import monitors
 from loralab.report import digit_table, show
 from loralab.results import Shift, TestResult
 from loralab.runs import BASE_FILE, METRICS_FILE, resolve_base, worst_digits
@@ -56,10 +57,11 @@ def check_batches(cfg: Settings, datamodule: MNISTDataModule) -> None:
 
 
 def fit_callbacks(run_dir: Path, module: Classifier, extra: list = ()) -> list:
-    """The resume hint, the method's own, and a learning-rate curve (train/lr) when a scheduler
-    moves the rate (a constant one would only repeat optim.lr)."""
-    monitor = [LearningRateMonitor(logging_interval="step")] if module.scheduler != "none" else []
-    return [ResumeHint(run_dir), *extra, *monitor]
+    """The resume hint, the run's monitors (step time, optimizer state, divergence), the method's
+    own, and a learning-rate curve (train/lr) when a scheduler moves the rate (a constant one
+    would only repeat optim.lr)."""
+    lr_monitor = [LearningRateMonitor(logging_interval="step")] if module.scheduler != "none" else []
+    return [ResumeHint(run_dir), *monitors(module.lr), *extra, *lr_monitor]
 
 
 def provenance() -> dict:
@@ -121,17 +123,17 @@ def finetune(job: Job, run_dir: Path) -> dict:
     log.info("fine-tuning base %s on digits %s", base_path, digits)
     datamodule = make_datamodule(cfg, digits)
     check_batches(cfg, datamodule)
-    method = make_method(cfg, model)
+    method = make_method(cfg, model, base_path)
     module = Classifier(model, lr=cfg.optim.lr, target_digits=digits, scheduler=cfg.optim.scheduler, distill=cfg.finetune.distill,
-                        frozen_base=method.frozen_base, loraplus_ratio=cfg.optim.loraplus_ratio, **method.checkpoint_hparams(base_path))
+                        frozen_base=method.frozen_base, loraplus_ratio=cfg.optim.loraplus_ratio)
     ckpt = resume_checkpoint(job)
     trainer = make_trainer(cfg, run_dir, fit_callbacks(run_dir, module, method.callbacks()), checkpoint=True)
     add_forgetting_chart(trainer)
     test = partial(run_test, tester(trainer, cfg, run_dir), module, datamodule)
-    method.prepare(module)
+    method.prepare(module)  # LoRA: the adapters are attached here, once
     method.test_before_fit(test)
     fitted = fit(trainer, module, datamodule, ckpt)
-    base_unchanged = method.base_unchanged(model)
+    base_comparison = method.compare_base(model)
     start = time.perf_counter()
     result = test("test")
     test_s = time.perf_counter() - start
@@ -149,7 +151,7 @@ def finetune(job: Job, run_dir: Path) -> dict:
         "base": str(base_path),
         "base_sha256": method.base_sha256,
         "base_file_sha256": base_file_sha,
-        "base_unchanged": base_unchanged,
+        **base_comparison,
         "optimizer_state_bytes": fitted.optimizer_state_bytes,
         "artifact_bytes": sum(Path(p).stat().st_size for p in artifacts.values()),
         "seconds": {"fit": fitted.seconds, "test": test_s, "step": fitted.step_seconds},

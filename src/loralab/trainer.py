@@ -20,6 +20,7 @@ from torch.multiprocessing import ProcessRaisedException
 from loralab.config import INCIDENTAL, Job, Settings, flat
 from loralab.errors import ArtifactError, LoralabError
 from loralab.files import atomic_write_bytes
+from loralab.monitors import measurements
 from loralab.progress import StepProgressBar
 from loralab.results import NUM_CLASSES, TestResult
 from loralab.trainer_args import trainer_kwargs
@@ -92,12 +93,7 @@ def fit(trainer: L.Trainer, module: L.LightningModule, datamodule: L.LightningDa
             raise LoralabError(message) from None
         raise
     seconds = time.perf_counter() - start
-    # The module measures its optimizer state when training ends; callback_metrics is what
-    # Lightning carries back from ddp_spawn's ranks, and the next test would reset it.
-    # Absent when Lightning trained no step (limit_train_batches=0, or resuming a run whose
-    # training had finished): nothing was measured.
-    measured = trainer.callback_metrics
-    return Fit(seconds, float(measured.get("step_seconds", float("nan"))), int(measured.get("optimizer_state_bytes", 0)))
+    return Fit(seconds, *measurements(trainer))  # before the next test resets them
 
 
 def run_test(trainer: L.Trainer, module: L.LightningModule, datamodule, split: str = "test") -> TestResult:
