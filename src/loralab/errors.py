@@ -5,8 +5,9 @@ class LoralabError(Exception):
     """A problem with the user's input (config value, path, file), worded as problem plus fix."""
 
 
-class ConfigError(LoralabError):
-    pass
+class ConfigError(LoralabError, ValueError):
+    """A setting's value outside its rules; a ValueError too, as Python callers of the settings'
+    classes (``LoRASpec(rank=0)``) expect."""
 
 
 class DataError(LoralabError):
