@@ -34,8 +34,9 @@ def resolve_targets(model: nn.Module, targets: str | tuple[str, ...]) -> list[st
 def inject_lora(model: nn.Module, spec: LoRASpec) -> list[str]:
     """Wrap each target Linear in a LoRALinear; return the targeted names.
 
-    Idempotent: a layer that already carries an adapter of the same spec is left alone (Lightning
-    runs setup for fit, validate and test); one of another spec is an error.
+    A layer that already carries an adapter of the same spec is left alone, so loading a second
+    file of one layout into a model (load_adapter) fills the same layers; one of another spec is
+    an error. A training run injects once, through the LoRA callback (loralab.finetuning).
     """
     names = resolve_targets(model, spec.targets)
     for name in names:
