@@ -3,7 +3,7 @@ median of the timed repetitions after warm-up.
 
     python benchmarks/bench.py                 # prints a table, writes bench.json
     python benchmarks/bench.py --reps 3 --quick  # the smoke test's size
-    python benchmarks/bench.py --only-protocol --out protocol.json   # the seeds' whole protocol
+    python benchmarks/bench.py --only-protocol --out protocol.json   # the reference notebook's whole protocol
 """
 
 from __future__ import annotations
@@ -287,7 +287,7 @@ def memory() -> dict:
 
 
 def seeds_protocol(data_dir: str) -> dict:
-    """The seeds' whole protocol (pretrain 1 epoch at batch 10, fine-tune 100 steps), end to end as
+    """The reference notebook's whole protocol (pretrain 1 epoch at batch 10, fine-tune 100 steps), end to end as
     commands: loralab's CLI against the seed-style plain loop. Minutes long, so run once each."""
     here = Path(__file__).resolve().parent
     root = here.parent
@@ -334,8 +334,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--quick", action="store_true", help="tiny sizes for the smoke test")
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--out", type=Path, default=Path("bench.json"))
-    parser.add_argument("--protocol", action="store_true", help="also time the seeds' whole protocol (minutes)")
-    parser.add_argument("--only-protocol", action="store_true", help="time only the seeds' whole protocol")
+    parser.add_argument("--protocol", action="store_true", help="also time the reference notebook's whole protocol (minutes)")
+    parser.add_argument("--only-protocol", action="store_true", help="time only the reference notebook's whole protocol")
     parser.add_argument("--only-floor", action="store_true", help="time only the LoRA step against its floor, and Adam")
     parser.add_argument("--only-startup", action="store_true", help="time only start-up, in the runtime and the dev venv")
     args = parser.parse_args(argv)

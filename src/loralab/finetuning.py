@@ -28,7 +28,7 @@ from loralab.weights import load_base
 
 def adapt(model: nn.Module, spec: LoRASpec) -> nn.Module:
     """``model`` with ``spec``'s adapters injected and every base parameter frozen, biases
-    included, as the seeds do: what a LoRA fine-tune trains, and what its checkpoints fill."""
+    included, as the reference notebook does: what a LoRA fine-tune trains, and what its checkpoints fill."""
     if lora_layers(model):
         raise ValueError("the model already carries adapters; a fine-tune adapts a plain base")
     inject_lora(model, spec)

@@ -52,7 +52,7 @@ def inject_lora(model: nn.Module, spec: LoRASpec) -> list[str]:
 
 
 def mark_only_lora_trainable(model: nn.Module) -> None:
-    """Freeze every base parameter, biases included, as the seeds do."""
+    """Freeze every base parameter, biases included, as the reference notebook does."""
     for name, param in model.named_parameters():
         param.requires_grad = is_lora_name(name)
 

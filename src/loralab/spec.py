@@ -12,7 +12,9 @@ from typing import Any, ClassVar
 
 from loralab.rules import Checked, Rule, invalid, setting
 
-# Each init and what it draws; B = 0 in the first two, so an adapter starts as a no-op.
+# Each init and what it draws; B = 0 in the first two, so an adapter starts as a no-op. The texts
+# are written into every adapter file's metadata (loralab_init_rule): "the seeds'" names the
+# reference notebook, kept so that files stay byte-for-byte what earlier runs wrote.
 INITS = {
     "gaussian": "lora_A ~ N(0, 1), lora_B = 0 (the seeds')",
     "kaiming": "lora_A ~ kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)), lora_B = 0 (PEFT's default)",

@@ -60,7 +60,7 @@ class Part:
 
 # How plain LoRA draws A (B = 0, so the first forward pass equals the base's).
 DRAWS = {
-    "gaussian": lambda a: nn.init.normal_(a, mean=0.0, std=1.0),  # the seeds' choice
+    "gaussian": lambda a: nn.init.normal_(a, mean=0.0, std=1.0),  # the reference notebook's choice
     "kaiming": lambda a: nn.init.kaiming_uniform_(a, a=math.sqrt(5)),  # PEFT's default
 }
 
