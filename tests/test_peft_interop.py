@@ -93,3 +93,51 @@ def test_adapter_config_is_peft_loraconfig_as_peft_writes_it(tmp_path, settings)
     theirs = json.loads((tmp_path / "theirs" / "adapter_config.json").read_text())
     assert {k: comparable(k, theirs[k]) for k in written if k != "peft_version"} == {k: comparable(k, v) for k, v in written.items() if k != "peft_version"}
     assert Version(peft.__version__).release[:2] >= Version(PEFT_VERSION).release[:2] == Version(written["peft_version"]).release[:2]
+
+
+PATTERNS = {"rank": 4, "alpha": 8, "init": "kaiming", "rank_pattern": {"linear3": 2, "linear[12]": 6}, "alpha_pattern": {"linear2": 3}}
+
+
+@pytest.mark.parametrize("settings", [PATTERNS, PATTERNS | {"rslora": True}, PATTERNS | {"dora": True}],
+                         ids=["patterns", "patterns+rslora", "patterns+dora"])
+def test_rank_and_alpha_patterns_cross_with_peft(tmp_path, settings):
+    """Per-layer ranks and alphas: each layer has the rank PEFT gives it, and a file crosses in
+    both directions with the same logits."""
+    ours = base_model()
+    inject_lora(ours, LoRASpec(**settings))
+    assert [ours.linear1.rank, ours.linear2.rank, ours.linear3.rank] == [6, 6, 2]
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_()
+    save_adapter(ours, tmp_path / "ours", SIZES)
+    theirs = peft.PeftModel.from_pretrained(base_model(), str(tmp_path / "ours"))
+    layers = theirs.base_model.model
+    assert [layers.linear1.r["default"], layers.linear2.r["default"], layers.linear3.r["default"]] == [6, 6, 2]
+    assert layers.linear2.scaling["default"] == pytest.approx(ours.linear2.scale)
+    x = torch.randn(16, 784)
+    assert torch.allclose(theirs(x), ours(x), atol=1e-5)
+    theirs.save_pretrained(str(tmp_path / "theirs"))
+    back = base_model()
+    load_adapter(back, tmp_path / "theirs")
+    assert back.linear2.alpha == 3 and back.linear3.rank == 2
+    assert torch.allclose(back(x), theirs(x), atol=1e-5)
+
+
+def test_peft_pissa_with_rank_pattern_matches_ours_converted(tmp_path):
+    """PiSSA with a rank pattern, saved converted to plain LoRA: PEFT's conversion doubles each
+    pattern's rank as ours does, and both files give the same function."""
+    spec = {"rank": 4, "alpha": 4, "rank_pattern": {"linear3": 2}}
+    ours = base_model()
+    inject_lora(ours, LoRASpec(**spec, init="pissa"))
+    save_adapter(ours, tmp_path / "ours", SIZES)
+    written = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert (written["r"], written["lora_alpha"], written["rank_pattern"]) == (8, 8.0, {"linear3": 4})
+    theirs = peft.get_peft_model(base_model(), peft.LoraConfig(r=4, lora_alpha=4, rank_pattern={"linear3": 2}, init_lora_weights="pissa",
+                                                            target_modules=["linear1", "linear2", "linear3"]))
+    assert theirs.base_model.model.linear3.r["default"] == 2
+    loaded = peft.PeftModel.from_pretrained(base_model(), str(tmp_path / "ours"))
+    x = torch.randn(16, 784)
+    # A fresh PiSSA adapter is the base exactly: the converted file is a no-op on the original base.
+    assert torch.allclose(loaded(x), base_model()(x), atol=1e-4)
+    assert loaded.base_model.model.linear3.r["default"] == 4

@@ -16,7 +16,10 @@ BAD = [
     (["stage=finetune", "lora.rank=0"], "lora.rank=0"),
     (["stage=finetune", "lora.rank=-2"], "lora.rank=-2"),
     (["stage=finetune", "lora.rank=1.5"], "lora.rank=1.5"),
-    (["stage=finetune", "lora.rank=11"], "from 1 to 10"),  # linear3 is 2000 -> 10
+    (["stage=finetune", "lora.init=pissa", "lora.rank=11"], "at most linear3's 10 singular vectors"),  # linear3 is 2000 -> 10
+    (["stage=finetune", "lora.rank_pattern={linear4:2}"], "names none of the adapted layers"),
+    (["stage=finetune", "lora.alpha_pattern={linear2:-1}"], "lora.alpha_pattern.linear2=-1.0 is invalid"),
+    (["stage=finetune", "lora.targets='linear('"], "not a regular expression"),
     (["stage=finetune", "lora.alpha=0"], "lora.alpha=0"),
     (["stage=finetune", "lora.alpha=abc"], "lora.alpha='abc'"),
     (["stage=finetune", "lora.dropout=1.0"], "lora.dropout=1.0"),

@@ -222,7 +222,9 @@ def test_pissa_saved_above_a_layers_rank_loads_everywhere(tmp_path):
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("alpha_pattern", {"linear1": 64}, "alpha_pattern"),
+    ("layers_to_transform", [0], "layers_to_transform"),
+    ("rank_pattern", {"linear1": 3}, "has shape"),  # a pattern its tensors do not follow
+    ("rank_pattern", {"linear[": 3}, "not a regular expression"),
     ("init_lora_weights", "olora", "rewritten base"),
     ("bias", "all", "bias"),
 ])

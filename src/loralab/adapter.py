@@ -126,7 +126,7 @@ def check_fits(model: nn.Module, spec: LoRASpec, state: dict, source: str) -> No
     expected = {}
     for name in names:
         base = getattr(layers[name], "base_layer", layers[name])
-        expected |= {f"{name}.{key}": shape for key, shape in parameter_shapes(spec, base.in_features, base.out_features).items()}
+        expected |= {f"{name}.{key}": shape for key, shape in parameter_shapes(spec, spec.rank_of(name), base.in_features, base.out_features).items()}
     found = {key: tuple(t.shape) for key, t in state.items()}
     if found != expected:
         wrong = sorted(k for k in found.keys() | expected.keys() if found.get(k) != expected.get(k))[0]
@@ -138,7 +138,8 @@ def layout(spec: LoRASpec) -> tuple:
     """What the wrapped layers depend on: adapters that share it switch by copying tensors (the
     init only drew the starting values, which the copy replaces)."""
     targets = tuple(sorted(spec.targets)) if not isinstance(spec.targets, str) else spec.targets
-    return targets, spec.rank, spec.alpha, spec.rslora, spec.dora, spec.dropout
+    patterns = tuple(spec.rank_pattern.items()), tuple(spec.alpha_pattern.items())
+    return targets, spec.rank, spec.alpha, spec.rslora, spec.dora, spec.dropout, patterns
 
 
 def warn_if_other_base(meta: dict, base_sha256: str, source: str) -> None:

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from loralab.errors import ConfigError
 from loralab.layout import layer_shapes
 from loralab.rules import Checked, Rule, invalid, setting
-from loralab.spec import LoRASpec, match_targets
+from loralab.spec import LoRASpec, match_targets, pattern_key
 
 # Keys that say where things are or how a run is shown, not what it computes: a resumed run may
 # change them, and a sweep's job directories are not named after them (conf/config.yaml).
@@ -172,10 +172,20 @@ class FinetuneSettings(Settings):
             names = match_targets(shapes, self.lora.targets)
         except ValueError as err:
             raise ConfigError(str(err)) from None
-        # A rank above a layer's smaller side adds nothing the layer's full update could not hold.
-        max_rank = min(min(shapes[n]) for n in names)
-        if self.lora.rank > max_rank:
-            raise invalid("lora.rank", self.lora.rank, f"expected an integer from 1 to {max_rank}")
+        for key in ("rank_pattern", "alpha_pattern"):
+            for pattern in getattr(self.lora, key):
+                if not any(pattern_key({pattern: None}, n) is not None for n in names):
+                    raise ConfigError(f"lora.{key} key {pattern!r} names none of the adapted layers ({', '.join(names)}); "
+                                      "name one of them, or drop the key")
+        if self.lora.init == "pissa":
+            # PiSSA starts from W's top-r singular triplets: a layer has min(in, out) of them. Any
+            # other adapter may be wider than that (its update's rank is still at most min(in, out)).
+            for name in names:
+                if self.lora.rank_of(name) > min(shapes[name]):
+                    own = pattern_key(self.lora.rank_pattern, name)
+                    key = "lora.rank" if own is None else f"lora.rank_pattern.{own}"
+                    raise invalid(key, self.lora.rank_of(name), f"PiSSA needs at most {name}'s {min(shapes[name])} singular "
+                                  f"vectors; lower it, or give {name} its own rank with lora.rank_pattern")
 
     @property
     def adapter(self) -> LoRASpec | None:
@@ -250,11 +260,20 @@ def _writable(node: DictConfig) -> DictConfig:
     return node
 
 
+# Mappings whose keys are the user's (layer names), so lora.rank_pattern={linear3:8} needs no "+":
+# Hydra's struct mode would refuse a key the schema's empty default does not have.
+OPEN_KEYS = ("lora.rank_pattern", "lora.alpha_pattern")
+
+
 def register() -> None:
     """``schema/<stage>`` in Hydra's ConfigStore, merged at the config's root."""
     store = ConfigStore.instance()
     for name, schema in SCHEMAS.items():
-        store.store(group="schema", name=name, node=_writable(OmegaConf.structured(schema)), package="_global_")
+        node = _writable(OmegaConf.structured(schema))
+        for key in OPEN_KEYS:
+            if OmegaConf.select(node, key) is not None:
+                OmegaConf.set_struct(OmegaConf.select(node, key), False)
+        store.store(group="schema", name=name, node=node, package="_global_")
 
 
 register()

@@ -47,7 +47,7 @@ def inject_lora(model: nn.Module, spec: LoRASpec) -> list[str]:
             if layer.spec != spec:
                 raise ValueError(f"{name} already has an adapter ({layer.spec}); remove it before injecting {spec}")
             continue
-        setattr(parent, child, LoRALinear(layer, spec))
+        setattr(parent, child, LoRALinear(layer, spec, name))
     return names
 
 

@@ -22,19 +22,20 @@ PREFIX = "lora_"
 
 
 class LoRALinear(nn.Module):
-    """``base_layer(x) + scale * B A x``, as its update and output compute it."""
+    """``base_layer(x) + scale * B A x``, as its update and output compute it. ``name``: the
+    layer's name in its model, where the spec's rank_pattern or alpha_pattern may name it."""
 
-    def __init__(self, base_layer: nn.Linear, spec: LoRASpec):
+    def __init__(self, base_layer: nn.Linear, spec: LoRASpec, name: str = ""):
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
             raise TypeError(f"LoRALinear wraps nn.Linear, got {type(base_layer).__name__}")
         # No upper bound on the rank here: a rank above min(in, out) adds nothing to train (the
         # config refuses it), but a saved PiSSA adapter holds twice its trained rank and must load.
         self.base_layer, self.spec = base_layer, spec
-        self.rank, self.scale = spec.rank, spec.scale
+        self.rank, self.alpha, self.scale = spec.rank_of(name), spec.alpha_of(name), spec.scale_of(name)
         self.update, self.output = compose(spec)
         factory = {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
-        sizes = spec.rank, base_layer.in_features, base_layer.out_features
+        sizes = self.rank, base_layer.in_features, base_layer.out_features
         for part in (self.update, self.output):
             for name, shape in part.parameters(*sizes).items():
                 self.register_parameter(name, nn.Parameter(torch.empty(shape, **factory)))
@@ -91,7 +92,7 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         variant = "".join(f", {flag}" for flag in variant_flags(self.spec) if flag != self.spec.init)
-        return f"rank={self.rank}, alpha={self.spec.alpha:g}, scale={self.scale:g}, init={self.spec.init}{variant}, enabled={self.enabled}, merged={self.merged}"
+        return f"rank={self.rank}, alpha={self.alpha:g}, scale={self.scale:g}, init={self.spec.init}{variant}, enabled={self.enabled}, merged={self.merged}"
 
 
 def is_lora_name(name: str) -> bool:

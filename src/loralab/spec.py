@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar
 
 from loralab.rules import Checked, Rule, invalid, setting
@@ -28,7 +28,10 @@ PEFT_VERSION = "0.21.2"
 @dataclass(frozen=True)
 class LoRASpec(Checked):
     """An adapter's settings, and the ``lora`` node of the fine-tune's schema (loralab.config).
-    ``targets`` is a list of layer names or one regex (full match)."""
+    ``targets`` is a list of layer names or one regex (full match). ``rank_pattern`` and
+    ``alpha_pattern`` give layers their own rank and alpha, as PEFT's LoraConfig fields of those
+    names do: a key is a regex matched against the end of a layer's name (``linear3``), the first
+    key that matches wins, and a layer no key matches takes ``rank`` and ``alpha``."""
 
     KEY: ClassVar[str] = "lora"
 
@@ -39,9 +42,20 @@ class LoRASpec(Checked):
     init: str = setting("gaussian", Rule(str, choices=tuple(INITS)))
     rslora: bool = setting(False, Rule(bool))
     dora: bool = setting(False, Rule(bool))
+    rank_pattern: dict[str, int] = setting(factory=dict)
+    alpha_pattern: dict[str, float] = setting(factory=dict)
 
     def __post_init__(self):
         self.check_rules()
+        for key, rule in (("rank_pattern", Rule(int, low=1)), ("alpha_pattern", Rule(float, low=0, low_open=True))):
+            pattern = getattr(self, key)
+            if not isinstance(pattern, dict):
+                raise invalid(f"lora.{key}", pattern, "expected a mapping of layer-name regexes to values, e.g. {linear3: 8}")
+            for name, value in pattern.items():
+                compile_pattern(f"lora.{key}", name)
+                if not rule.allows(value):
+                    raise invalid(f"lora.{key}.{name}", value, rule.expected)
+            object.__setattr__(self, key, {str(k): (int(v) if key == "rank_pattern" else float(v)) for k, v in pattern.items()})
         targets = self.targets if isinstance(self.targets, str) else tuple(self.targets) if isinstance(self.targets, (list, tuple)) else None
         if targets is None or (not isinstance(targets, str) and not all(isinstance(t, str) for t in targets)):
             raise invalid("lora.targets", self.targets, "expected a list of layer names or one regex string")
@@ -49,12 +63,30 @@ class LoRASpec(Checked):
         object.__setattr__(self, "alpha", float(self.alpha))
         object.__setattr__(self, "dropout", float(self.dropout))
 
+    def __hash__(self) -> int:
+        # The patterns are dicts; a spec is still a value (AdapterSet and adapter_spec compare them).
+        return hash(tuple((f.name, tuple(v.items()) if isinstance(v := getattr(self, f.name), dict) else v) for f in fields(self)))
+
     @property
     def scale(self) -> float:
+        """The scale of a layer that no pattern names."""
+        return self.scaling(self.rank, self.alpha)
+
+    def scaling(self, rank: int, alpha: float) -> float:
         # Section 4.1 of the LoRA paper: scaling by alpha / r means retuning the learning rate is
         # rarely needed when r changes. rsLoRA (Kalajdzievski, 2023) uses alpha / sqrt(r) so that
         # large ranks keep learning.
-        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+        return alpha / (math.sqrt(rank) if self.rslora else rank)
+
+    def rank_of(self, layer: str) -> int:
+        """Layer ``layer``'s rank: its rank_pattern entry's, or ``rank``."""
+        return self.rank_pattern.get(pattern_key(self.rank_pattern, layer), self.rank)
+
+    def alpha_of(self, layer: str) -> float:
+        return self.alpha_pattern.get(pattern_key(self.alpha_pattern, layer), self.alpha)
+
+    def scale_of(self, layer: str) -> float:
+        return self.scaling(self.rank_of(layer), self.alpha_of(layer))
 
     def to_dict(self) -> dict:
         """metrics.json's ``lora`` field and the run's HParams."""
@@ -63,21 +95,29 @@ class LoRASpec(Checked):
         return {"rank": self.rank, "alpha": self.alpha, "scale": self.scale} | values | {"saved_rank": self.saved_rank}
 
     @property
+    def saving_factor(self) -> int:
+        """How many times its trained rank a saved layer holds (see saved_rank)."""
+        return 2 if self.init == "pissa" else 1
+
+    @property
     def saved_rank(self) -> int:
         """The rank of the saved adapter: PiSSA's is written as plain LoRA on the original base,
         A' = [A; A0] and B' = [B, -B0] (PEFT's conversion), so it holds twice the trained rank."""
-        return 2 * self.rank if self.init == "pissa" else self.rank
+        return self.saving_factor * self.rank
 
     def to_peft_config(self) -> dict:
         """adapter_config.json in PEFT's LoraConfig fields, describing the saved file."""
-        # PEFT's PiSSA conversion keeps the scale at twice the rank: alpha * 2, or * sqrt 2 (rsLoRA).
-        alpha = self.alpha * (self.saved_rank / self.rank) ** (0.5 if self.rslora else 1.0)
+        # PEFT's PiSSA conversion keeps the scale at twice the rank: alpha * 2, or * sqrt 2 (rsLoRA),
+        # and doubles each pattern entry the same way (peft_model.py, save_pretrained).
+        factor = self.saving_factor ** (0.5 if self.rslora else 1.0)
         return {
             "peft_type": "LORA",
             "task_type": None,
             "base_model_name_or_path": None,
             "r": self.saved_rank,
-            "lora_alpha": alpha,
+            "lora_alpha": self.alpha * factor,
+            "rank_pattern": {k: self.saving_factor * r for k, r in self.rank_pattern.items()},
+            "alpha_pattern": {k: a * factor for k, a in self.alpha_pattern.items()},
             "target_modules": self.targets if isinstance(self.targets, str) else list(self.targets),
             "lora_dropout": self.dropout,
             "bias": "none",
@@ -111,11 +151,11 @@ class LoRASpec(Checked):
             # olora, corda, loftq and the like rewrite the base they train on: this file would not
             # apply to the original one.
             raise ValueError(f"init_lora_weights={init!r} trains on a rewritten base; only true, false and \"gaussian\" apply to the original")
-        unsupported = [key for key in ("rank_pattern", "alpha_pattern", "layers_to_transform", "modules_to_save") if config.get(key)]
+        unsupported = [key for key in ("layers_to_transform", "modules_to_save") if config.get(key)]
         if config.get("bias", "none") != "none":
             unsupported.append("bias")
         if unsupported:
-            raise ValueError(f"it uses {', '.join(unsupported)}, which loralab's adapters do not have (one rank and alpha for every layer, no bias)")
+            raise ValueError(f"it uses {', '.join(unsupported)}, which loralab's adapters do not have (every target layer adapted, no bias)")
         targets = config["target_modules"]
         return cls(
             rank=int(config["r"]),
@@ -125,6 +165,8 @@ class LoRASpec(Checked):
             init=loralab_init if loralab_init in ("gaussian", "kaiming") else "gaussian" if init == "gaussian" else "kaiming",
             rslora=bool(config.get("use_rslora", False)),
             dora=bool(config.get("use_dora", False)),
+            rank_pattern=dict(config.get("rank_pattern") or {}),
+            alpha_pattern=dict(config.get("alpha_pattern") or {}),
         )
 
 
@@ -135,11 +177,26 @@ def variant_flags(settings) -> list[str]:
     return [flag for flag in ("dora", "rslora") if get(flag)] + (["pissa"] if get("init") == "pissa" else [])
 
 
+def compile_pattern(key: str, pattern: str) -> re.Pattern:
+    """A regex from the config or an adapter file, its error in one line."""
+    try:
+        return re.compile(pattern)
+    except (re.error, TypeError) as err:
+        raise invalid(key, pattern, f"not a regular expression ({err}); fix or escape it") from None
+
+
+def pattern_key(pattern: dict, layer: str) -> str | None:
+    """The first key of a rank or alpha pattern that names ``layer``: PEFT's get_pattern_key, a
+    key matching the whole name or its last dotted parts."""
+    return next((key for key in pattern if re.match(rf"(.*\.)?({key})$", layer)), None)
+
+
 def match_targets(available: Iterable[str], targets: str | tuple[str, ...]) -> list[str]:
     """Layer names for ``targets``: a list of names, or one regex matched against whole names."""
     available = list(available)
     if isinstance(targets, str):
-        names = [n for n in available if re.fullmatch(targets, n)]
+        regex = compile_pattern("lora.targets", targets)
+        names = [n for n in available if regex.fullmatch(n)]
         if not names:
             raise ValueError(f"lora.targets regex {targets!r} matches no Linear layer; available: {', '.join(available)}")
         return names

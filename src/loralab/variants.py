@@ -198,6 +198,6 @@ def compose(spec: LoRASpec) -> tuple[Update, Output]:
     return updates[0](), outputs[0]()
 
 
-def parameter_shapes(spec: LoRASpec, n_in: int, n_out: int) -> Shapes:
-    """Every trainable tensor a layer of ``spec`` holds, and its shape."""
-    return {name: shape for part in compose(spec) for name, shape in part.parameters(spec.rank, n_in, n_out).items()}
+def parameter_shapes(spec: LoRASpec, rank: int, n_in: int, n_out: int) -> Shapes:
+    """Every trainable tensor a layer of ``spec`` holds at ``rank``, and its shape."""
+    return {name: shape for part in compose(spec) for name, shape in part.parameters(rank, n_in, n_out).items()}
