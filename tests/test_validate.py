@@ -8,7 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import CONF, load, make_cfg
+from conftest import CONF, assert_one_line_error, load, make_cfg, train_py
 from loralab.config import SCHEMAS, FinetuneSettings, PretrainSettings, load_job
 from loralab.errors import ConfigError
 
@@ -74,6 +74,7 @@ def options(group: str) -> list[str]:
 # Every option of every group, each with the stage it belongs to (an experiment brings its own).
 SHIPPED = ([[f"model={o}"] for o in options("model")] + [[f"digits={o}", "stage=finetune"] for o in options("digits")]
            + [[f"lora={o}", "stage=finetune"] for o in options("lora")] + [[f"variant={o}", "stage=finetune"] for o in options("variant")]
+           + [[f"rank={o}", "stage=finetune"] for o in options("rank")] + [[f"alpha={o}", "stage=finetune"] for o in options("alpha")]
            + [[f"accelerator={o}"] for o in options("accelerator") if o != "gpu"] + [[f"stage={o}"] for o in options("stage")]
            + [[f"experiment={o}"] for o in options("experiment") if o != "optuna"])
 
@@ -91,6 +92,25 @@ def test_every_option_of_every_group_is_composed():
     groups = [p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra"]
     composed = {o for overrides in SHIPPED for o in overrides if o.split("=")[0] in groups}
     assert {f"{g}={o}" for g in groups for o in options(g)} - composed == {"accelerator=gpu", "experiment=optuna"}
+
+
+@pytest.mark.parametrize("rank", [1, 4, 16, 64])
+@pytest.mark.parametrize("policy, alpha, scale", [
+    ("fixed", lambda r: 1.0, lambda r: 1 / r),
+    ("rank", lambda r: r, lambda r: 1.0),
+    ("double", lambda r: 2 * r, lambda r: 2.0),
+    ("rslora", lambda r: 1.0, lambda r: r ** -0.5),
+])
+def test_alpha_policies_give_their_scales(tmp_path, rank, policy, alpha, scale):
+    """An alpha policy follows the rank however it is set: a preset, lora.rank=, or a sweep."""
+    for overrides in ([f"rank=r{rank}"], [f"lora.rank={rank}"]):
+        spec = load(["stage=finetune", f"alpha={policy}", *overrides], tmp_path).settings.lora
+        assert (spec.rank, spec.alpha) == (rank, alpha(rank)) and spec.scale == pytest.approx(scale(rank), rel=1e-12)
+
+
+def test_a_rank_preset_named_by_its_number_is_one_line():
+    done = train_py("stage=finetune", "rank=16")
+    assert_one_line_error(done, "rank=16 names a config by a number", "r16")
 
 
 def test_optuna_experiment_composes_for_its_sweep(tmp_path):

@@ -128,7 +128,7 @@ def stage_of(overrides: list[str]) -> str:
 
 
 def stage_groups(conf: Path, stage: str) -> set[str]:
-    """The config groups stage=``stage`` brings in its own defaults list (finetune: lora, variant)."""
+    """The config groups stage=``stage`` brings in its own defaults list (finetune: lora, rank, alpha, variant)."""
     path = conf / "stage" / f"{stage}.yaml"
     defaults = OmegaConf.load(path).get("defaults", []) if path.is_file() else []
     return {str(k).removeprefix("override ").lstrip("/") for d in defaults if isinstance(d, DictConfig) for k in d}
@@ -150,7 +150,7 @@ def composition_error(err: HydraException, overrides: list[str], conf: Path) -> 
     key, written = overridden[1], next((o for o in overrides if o.lstrip("+~").split("=")[0] == overridden[1]), overridden[1])
     schema = root_schema(getattr(cause, "parent_node", None))
     stage = schema.STAGE if schema else stage_of(overrides)
-    if overridden[2]:  # a config group: lora and variant come with stage=finetune's defaults
+    if overridden[2]:  # a config group: lora, rank, alpha and variant come with stage=finetune's defaults
         owners = [s for s in SCHEMAS if s != stage and key in stage_groups(conf, s) - stage_groups(conf, stage)]
         if not owners:
             return None
@@ -176,6 +176,16 @@ def config_error_line(err: HydraException, overrides: list[str], conf: Path) -> 
     return ": ".join(parts) + (f" ({hint[0].lower()}{hint[1:]})" if hint else "")
 
 
+def numbered_group_line(overrides: list[str], conf: Path) -> str:
+    """rank=16: Hydra reads 16 as a number, which cannot name a config (its presets are r16, ...)."""
+    written = next((o for o in overrides if "=" in o and (conf / o.split("=")[0].lstrip("+~")).is_dir()
+                    and re.fullmatch(r"[\d.,]+", o.split("=", 1)[1])), "a config group override")
+    group = written.split("=")[0].lstrip("+~")
+    options = sorted((p.stem for p in (conf / group).glob("*.yaml")), key=lambda n: (len(n), n)) if (conf / group).is_dir() else []
+    return (f"{written} names a config by a number, which Hydra reads as an integer; choose one of {group}'s "
+            f"configs ({', '.join(options)})" + (f", or set lora.{group}= directly" if group == "rank" else ""))
+
+
 def main(hydra_main, conf: Path) -> None:
     """Run ``hydra_main``, whose configs are in ``conf``; a config that does not compose ends in
     one ``error:`` line, exit 2."""
@@ -193,6 +203,11 @@ def main(hydra_main, conf: Path) -> None:
         if "debug=true" in args:  # no config was composed to read debug from
             raise
         print(f"error: {config_error_line(err, args, conf)}", file=sys.stderr)
+        sys.exit(2)
+    except ValueError as err:
+        if not str(err).startswith("Config group override must be a string"):
+            raise
+        print(f"error: {numbered_group_line(args, conf)}", file=sys.stderr)
         sys.exit(2)
     finally:
         # Whatever the outcome, nothing runs after this but the interpreter's teardown, whose

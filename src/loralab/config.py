@@ -280,6 +280,8 @@ register()
 # A sweep's job directories are named by their overrides, less the stage (the sweep dir names it)
 # and the incidental keys (paths would nest directories).
 OmegaConf.register_new_resolver("loralab_dirname_excludes", lambda: ["stage", *INCIDENTAL], replace=True)
+# alpha=double (conf/alpha/double.yaml): alpha = 2 r, which an interpolation cannot multiply.
+OmegaConf.register_new_resolver("loralab_times", lambda factor, value: float(factor) * float(value), replace=True)
 
 
 def load_job(cfg: DictConfig, sweep: dict[str, Any] | None = None) -> Job:
