@@ -55,6 +55,7 @@ class Classifier(L.LightningModule):
         distill: float = 0.0,
         frozen_base: nn.Module | None = None,
         loraplus_ratio: float | None = None,
+        confusion_figures: bool = True,
     ):
         super().__init__()
         self.model = model
@@ -75,6 +76,7 @@ class Classifier(L.LightningModule):
         self.val_metrics = digit_metrics()
         self.test_metrics = digit_metrics()
         self.test_split = "test"  # what trainer.run_test logs this test as: test, test_base, ...
+        self.confusion_figures = confusion_figures  # each test's confusion matrix as a TensorBoard image
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: str | Path, base: str | Path | None = None, **kwargs) -> Classifier:
@@ -169,7 +171,8 @@ class Classifier(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         values = self.test_metrics.compute()
         self.log_dict(self.summarise(values, self.test_split))
-        self.log_confusion_figure(values["confmat"], f"{self.test_split}/confusion_matrix")
+        if self.confusion_figures and not self.test_split.startswith("val"):  # validation's are selection data
+            self.log_confusion_figure(values["confmat"], f"{self.test_split}/confusion_matrix")
         self.test_metrics.reset()
 
     def summarise(self, values: dict[str, torch.Tensor], split: str) -> dict[str, float]:

@@ -25,7 +25,7 @@ from loralab.spec import LoRASpec, match_targets, pattern_key
 
 # Keys that say where things are or how a run is shown, not what it computes: a resumed run may
 # change them, and a sweep's job directories are not named after them (conf/config.yaml).
-INCIDENTAL = ("output_root", "data_dir", "base", "resume", "debug", "verbose", "trainer.enable_progress_bar")
+INCIDENTAL = ("output_root", "data_dir", "base", "resume", "debug", "verbose", "trainer.enable_progress_bar", "confusion_figures")
 
 # Lightning's own defaults where they serve; trainer.* is checked by Lightning's rules (trainer_args).
 TRAINER = {
@@ -88,6 +88,9 @@ class DataConfig(Checked):
 class FinetuneData(DataConfig):
     auto_k: int = setting(1, Rule(int, low=1, high=9))  # digits=auto: how many of the base's worst digits
     replay: float = setting(0.0, Rule(float, low=0, high=1, high_open=True))  # share of each batch from the other digits
+    # The validation split's seed; null: the run's seed. Fixed across a sweep's seeds, every job
+    # selects on the same images; 0 holds out what a seed-0 pretrain never trained on.
+    split_seed: int | None = setting(None, Rule(int, low=0, optional=True))
 
     def check_digits(self, value) -> tuple[int, ...] | None:
         return None if value == "auto" else super().check_digits(value)
@@ -132,6 +135,9 @@ class Settings(Checked):
     seed: int = setting(0, Rule(int, low=0))
     data_dir: str = "${oc.env:LORALAB_DATA_DIR,data}"
     output_root: str = "outputs"
+    # Each test's confusion matrix as a TensorBoard image: about 0.3 s of matplotlib each, a tenth
+    # of a 100-step fine-tune (experiment=frontier turns them off; the per-digit scalars stay).
+    confusion_figures: bool = setting(True, Rule(bool))
     flush_denormal: bool = setting(True, Rule(bool))  # Adam's state goes subnormal on long CPU runs and steps slow down ~3x
     debug: bool = setting(False, Rule(bool))  # full tracebacks for input errors too
     verbose: bool = setting(False, Rule(bool))  # the console shows every log record and warning (train.log always has them)
@@ -159,6 +165,9 @@ class FinetuneSettings(Settings):
     lora: LoRASpec = setting(factory=LoRASpec)  # read by method=lora; checked for a full fine-tune too: a typo is a typo
     base: str | None = None  # a pretrain run dir or base.safetensors; null: the newest pretrain run
     resume: str | None = None
+    # A point of an arm's lr grid (conf/arm/): lr = 10^(the arm's exponent + lr_step / 2). Read by
+    # the arm configs' optim.lr; without an arm, set optim.lr itself.
+    lr_step: int = setting(0, Rule(int, low=-8, high=8))
 
     def __post_init__(self):
         super().__post_init__()
@@ -282,6 +291,8 @@ register()
 OmegaConf.register_new_resolver("loralab_dirname_excludes", lambda: ["stage", *INCIDENTAL], replace=True)
 # alpha=double (conf/alpha/double.yaml): alpha = 2 r, which an interpolation cannot multiply.
 OmegaConf.register_new_resolver("loralab_times", lambda factor, value: float(factor) * float(value), replace=True)
+# An arm's lr grid (conf/arm/): 10^(exponent + step / 2), half-decade steps, to 3 significant digits.
+OmegaConf.register_new_resolver("loralab_grid", lambda exponent, step: float(f"{10 ** (float(exponent) + int(step) / 2):.3g}"), replace=True)
 
 
 def load_job(cfg: DictConfig, sweep: dict[str, Any] | None = None) -> Job:

@@ -82,12 +82,14 @@ class MNISTDataModule(L.LightningDataModule):
         val_size: int = 5000,
         replay: float = 0.0,
         seed: int = 0,
+        split_seed: int | None = None,
     ):
         super().__init__()
         self.data_dir = str(data_dir)
         self.digits = sorted(digits) if digits is not None else list(range(10))
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.val_size, self.replay, self.seed = val_size, replay, seed
+        self.split_seed = seed if split_seed is None else split_seed  # which images validation holds out
         self.source: str | None = None
 
     def prepare_data(self) -> None:
@@ -101,7 +103,7 @@ class MNISTDataModule(L.LightningDataModule):
         if hasattr(self, "test_set"):
             return
         train_x, train_y, test_x, test_y = load_tensors(self.data_dir)
-        perm = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(self.seed))
+        perm = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(self.split_seed))
         val_idx, fit_idx = perm[: self.val_size].sort().values, perm[self.val_size :].sort().values
         # Indexed by a whole batch of indices at once (the samplers yield index tensors, and
         # batch_size=None): one gather per batch, no per-sample work.
@@ -115,6 +117,11 @@ class MNISTDataModule(L.LightningDataModule):
     def test_counts(self) -> tuple[int, ...]:
         """Images per digit in the test set."""
         return tuple(torch.bincount(self.test_set.tensors[1], minlength=10).tolist())
+
+    @functools.cached_property
+    def val_counts(self) -> tuple[int, ...]:
+        """Images per digit in the validation split."""
+        return tuple(torch.bincount(self.val_set.tensors[1], minlength=10).tolist())
 
     def shard(self) -> tuple[int, int]:
         """(rank, world size) of this process: each rank reads only its share of the data."""
@@ -131,15 +138,19 @@ class MNISTDataModule(L.LightningDataModule):
             sampler.skip = trainer.fit_loop.epoch_loop.batch_progress.current.completed
         return DataLoader(self.train_set, sampler=sampler, batch_size=None)
 
-    def _sequential(self, dataset: TensorDataset) -> DataLoader:
+    def _sequential(self, dataset: TensorDataset, shard: tuple[int, int] | None = None) -> DataLoader:
         # Whole batches per rank, none repeated: torchmetrics then sums each image exactly once
         # (a DistributedSampler would pad the last rank with duplicates).
-        rank, world_size = self.shard()
+        rank, world_size = shard or self.shard()
         batches = [torch.arange(i, min(i + self.eval_batch_size, len(dataset))) for i in range(0, len(dataset), self.eval_batch_size)]
         return DataLoader(dataset, sampler=batches[rank::world_size], batch_size=None)
 
     def val_dataloader(self) -> DataLoader:
         return self._sequential(self.val_set)
+
+    def whole_val_dataloader(self) -> DataLoader:
+        """The whole validation split in one process (a test pass on it, after or outside fit)."""
+        return self._sequential(self.val_set, (0, 1))
 
     def test_dataloader(self) -> DataLoader:
         return self._sequential(self.test_set)

@@ -42,7 +42,13 @@ class SweepSummary(Callback):
             print(f"error: no sweep summary: {err}", file=sys.stderr)
             sys.exit(1)
         # A sweep has no train.log of its own (Hydra's file handler is the last job's by now).
-        show(f"\nSweep summary ({config.hydra.sweep.dir}/summary.md):\n{table}", Path(config.hydra.sweep.dir) / SWEEP_LOG)
+        sweep_dir = Path(config.hydra.sweep.dir)
+        show(f"\nSweep summary ({sweep_dir}/summary.md):\n{table}", sweep_dir / SWEEP_LOG)
+        if any(r.get("status") == "ok" and r.get("method") for r in rows):  # fine-tunes: an lr axis makes a frontier
+            from loralab.plots import write_frontier  # matplotlib, for this sweep end only
+
+            if (frontier := write_frontier(sweep_dir)) is not None:
+                show(f"\n{frontier.read_text()}", sweep_dir / SWEEP_LOG)
         failed = [r["job"] for r in rows if r.get("status") != "ok"]
         if failed:
             print(f"error: {len(failed)} of {len(rows)} jobs failed: {', '.join(failed)}", file=sys.stderr)

@@ -1,6 +1,7 @@
 """The two ways the fine-tune stage trains a base: LoRA adapters on a frozen base, or every
-parameter (the baseline LoRA is measured against). Each sets itself up, tests the base it
-started from, compares the base before and after, and saves what it trained."""
+parameter (the baseline LoRA is measured against). Each sets itself up, compares the base before
+and after, and saves what it trained. The base's own results, which both measure against, are
+``base_result``'s."""
 
 from __future__ import annotations
 
@@ -13,13 +14,26 @@ from torch import nn
 from loralab.adapter import save_adapter
 from loralab.config import FinetuneSettings
 from loralab.finetuning import LoRAFinetuning
-from loralab.inject import lora_disabled
 from loralab.results import TestResult
 from loralab.runs import FULL_FILE
 from loralab.spec import LoRASpec, variant_flags
 from loralab.weights import fingerprint, save_base
 
-Test = Callable[[str], TestResult]  # runs the test set, logged under the given split
+Test = Callable[[str], TestResult]  # runs the test set (or, for a "val..." split, validation), logged under the split
+
+# The base's results by its fingerprint and the images they count: every job of a sweep on one
+# base would test it again, a test and a validation pass of a job of about 2 s (benchmarks/sweep.py).
+BASE_RESULTS: dict[tuple, TestResult] = {}
+
+
+def base_result(test: Test, split: str, base_sha256: str, images: tuple) -> TestResult:
+    """The base's result on ``split`` (test_base, val_base); ``images`` names the data tested
+    (the data dir; for validation, its size and seed too). Call it before training: a full
+    fine-tune trains the base, and adapters are switched off for it."""
+    key = (base_sha256, images, split)
+    if key not in BASE_RESULTS:
+        BASE_RESULTS[key] = test(split)
+    return BASE_RESULTS[key]
 
 
 class BaseChangedError(RuntimeError):
@@ -53,8 +67,9 @@ class LoRAMethod:
         # and rank 0's weights come back into it.
         self.callback.attach(module)
 
-    def test_before_fit(self, test: Test) -> TestResult | None:
-        return None  # the adapters switch off after training: the base is tested then
+    def know_base(self, val_base: TestResult) -> None:
+        """The base's validation errors, which the callback's per-digit changes are counted from."""
+        self.callback.base_wrong = list(val_base.wrong)
 
     def compare_base(self, model: nn.Module) -> dict:
         """On the weights the run keeps (under ddp_spawn, the ones rank 0 sent back). A changed
@@ -63,10 +78,6 @@ class LoRAMethod:
         if not comparison["base_unchanged"]:
             raise BaseChangedError(self.base_sha256, comparison["base_sha256_after"])
         return comparison
-
-    def test_base(self, test: Test, model: nn.Module) -> TestResult:
-        with lora_disabled(model):
-            return test("test_base")
 
     def save(self, model: nn.Module, run_dir: Path, cfg: FinetuneSettings) -> dict[str, Path]:
         return save_adapter(model, run_dir, list(cfg.model.sizes), self.base_sha256)  # compare_base has confirmed it
@@ -86,7 +97,6 @@ class FullMethod:
         self.base_sha256 = fingerprint(model)
         # Training the base itself: distillation needs a frozen copy of where it started.
         self.frozen_base = copy.deepcopy(model).requires_grad_(False) if distill else None
-        self.before: TestResult | None = None
 
     def callbacks(self) -> list:
         return []
@@ -94,15 +104,11 @@ class FullMethod:
     def prepare(self, module) -> None:
         pass
 
-    def test_before_fit(self, test: Test) -> TestResult:
-        self.before = test("test_base")  # no adapter to switch off afterwards
-        return self.before
+    def know_base(self, val_base: TestResult) -> None:
+        pass
 
     def compare_base(self, model: nn.Module) -> dict:
         return base_comparison(self.base_sha256, None)  # the base is what a full fine-tune trains
-
-    def test_base(self, test: Test, model: nn.Module) -> TestResult:
-        return self.before
 
     def save(self, model: nn.Module, run_dir: Path, cfg: FinetuneSettings) -> dict[str, Path]:
         save_base(model, run_dir / FULL_FILE, cfg.model.name)

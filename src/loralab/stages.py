@@ -24,8 +24,8 @@ from loralab.dashboard import add_forgetting_chart, hp_results, log_hparams
 from loralab.data import MNISTDataModule
 from loralab.errors import ArtifactError
 from loralab.files import write_json
-from loralab.inject import count_parameters, merge_lora, unmerge_lora
-from loralab.methods import make_method
+from loralab.inject import count_parameters, lora_disabled, merge_lora, unmerge_lora
+from loralab.methods import base_result, make_method
 from loralab.model import MLP
 from loralab.modelcard import AdapterCard, write_card
 from loralab.monitors import monitors
@@ -43,8 +43,9 @@ PACKAGES = ("loralab", "torch", "lightning", "torchmetrics", "hydra-core", "safe
 
 def make_datamodule(cfg: Settings, digits: list[int]) -> MNISTDataModule:
     """Prepared and set up here, so data loading is not counted in the fit seconds."""
-    replay = getattr(cfg.data, "replay", 0.0)  # a fine-tune's setting
-    datamodule = MNISTDataModule(cfg.data_dir, digits, cfg.data.batch_size, cfg.data.eval_batch_size, cfg.data.val_size, replay, cfg.seed)
+    replay, split_seed = getattr(cfg.data, "replay", 0.0), getattr(cfg.data, "split_seed", None)  # a fine-tune's settings
+    datamodule = MNISTDataModule(cfg.data_dir, digits, cfg.data.batch_size, cfg.data.eval_batch_size, cfg.data.val_size, replay, cfg.seed,
+                                 split_seed)
     datamodule.prepare_data()
     datamodule.setup("fit")
     return datamodule
@@ -95,7 +96,7 @@ def pretrain(job: Job, run_dir: Path) -> dict:
     datamodule = make_datamodule(cfg, digits)
     check_batches(cfg, datamodule)
     model = MLP(list(cfg.model.sizes))
-    module = Classifier(model, lr=cfg.optim.lr, target_digits=digits, scheduler=cfg.optim.scheduler)
+    module = Classifier(model, lr=cfg.optim.lr, target_digits=digits, scheduler=cfg.optim.scheduler, confusion_figures=cfg.confusion_figures)
     ckpt = resume_checkpoint(job)
     trainer = make_trainer(cfg, run_dir, fit_callbacks(run_dir, module), checkpoint=True)
     fitted = fit(trainer, module, datamodule, ckpt)
@@ -125,19 +126,23 @@ def finetune(job: Job, run_dir: Path) -> dict:
     check_batches(cfg, datamodule)
     method = make_method(cfg, model, base_path)
     module = Classifier(model, lr=cfg.optim.lr, target_digits=digits, scheduler=cfg.optim.scheduler, distill=cfg.finetune.distill,
-                        frozen_base=method.frozen_base, loraplus_ratio=cfg.optim.loraplus_ratio)
+                        frozen_base=method.frozen_base, loraplus_ratio=cfg.optim.loraplus_ratio, confusion_figures=cfg.confusion_figures)
     ckpt = resume_checkpoint(job)
     trainer = make_trainer(cfg, run_dir, fit_callbacks(run_dir, module, method.callbacks()), checkpoint=True)
     add_forgetting_chart(trainer)
     test = partial(run_test, tester(trainer, cfg, run_dir), module, datamodule)
     method.prepare(module)  # LoRA: the adapters are attached here, once
-    method.test_before_fit(test)
+    data = str(Path(cfg.data_dir).resolve())
+    with lora_disabled(model):  # before training: a full fine-tune trains the base itself
+        test_base = base_result(test, "test_base", method.base_sha256, (data,))
+        val_base = base_result(test, "val_base", method.base_sha256, (data, cfg.data.val_size, datamodule.split_seed))
+    method.know_base(val_base)
     fitted = fit(trainer, module, datamodule, ckpt)
     base_comparison = method.compare_base(model)
     start = time.perf_counter()
     result = test("test")
     test_s = time.perf_counter() - start
-    test_base = method.test_base(test, model)
+    val = test("val_final")  # what an lr is selected on (loralab.selection), never the test
     check_base_file(base_path, base_file_sha, base_meta, method.base_sha256)
     artifacts = method.save(model, run_dir, cfg)
     shift = Shift.between(test_base, result, digits)
@@ -145,6 +150,9 @@ def finetune(job: Job, run_dir: Path) -> dict:
         "method": method.name,
         "test": result.to_json(),
         "test_base": test_base.to_json(),
+        "val": val.to_json(),
+        "val_base": val_base.to_json(),
+        "val_split": {"seed": datamodule.split_seed, "size": cfg.data.val_size},
         "forgetting": shift.forgetting,
         "objective": shift.objective,
         "lora": method.summary(),
@@ -195,7 +203,7 @@ def evaluate(job: Job, run_dir: Path) -> dict:
         adapters.add(name if name not in adapters.adapters else f"{name}-{len(adapters.adapters)}", directory)
     datamodule = make_datamodule(cfg, digits)
     trainer = make_trainer(cfg, run_dir, [], checkpoint=False, testing=True)
-    test = partial(run_test, trainer, Classifier(model, target_digits=digits), datamodule)
+    test = partial(run_test, trainer, Classifier(model, target_digits=digits, confusion_figures=cfg.confusion_figures), datamodule)
     start = time.perf_counter()
     base_result = test("test")
     test_s = time.perf_counter() - start

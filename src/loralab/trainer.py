@@ -97,11 +97,14 @@ def fit(trainer: L.Trainer, module: L.LightningModule, datamodule: L.LightningDa
 
 
 def run_test(trainer: L.Trainer, module: L.LightningModule, datamodule, split: str = "test") -> TestResult:
-    """Test on the full test set, logged under ``split`` (test, test_base, test_<adapter>)."""
+    """Test on the full test set, logged under ``split`` (test, test_base, test_<adapter>); a
+    split named ``val...`` (val_final, val_base) runs on the validation split instead."""
     module.test_split = split
-    logged = trainer.test(module, datamodule=datamodule, verbose=False)[0]
+    on_val = split.startswith("val")
+    loader = {"dataloaders": datamodule.whole_val_dataloader()} if on_val else {"datamodule": datamodule}
+    logged = trainer.test(module, verbose=False, **loader)[0]
     wrong = tuple(int(logged[f"{split}/wrong_d{d}"]) for d in range(NUM_CLASSES))
-    return TestResult(acc=logged[f"{split}/acc"], wrong=wrong, count=datamodule.test_counts)
+    return TestResult(acc=logged[f"{split}/acc"], wrong=wrong, count=datamodule.val_counts if on_val else datamodule.test_counts)
 
 
 def run_overrides(run_dir: Path) -> list[str] | None:
