@@ -37,6 +37,16 @@ def test_floor_bench_writes_every_ratio(tmp_path, mnist_dir):
         assert {"full_fused_vs_foreach", "loralab_fused_vs_foreach"} <= set(results[f"adam_bs{bs}"])
 
 
+def test_sweep_bench_times_a_sweep_against_its_floor(tmp_path, pretrained):
+    out = tmp_path / "sweep.json"
+    done = script(ROOT / "benchmarks" / "sweep.py", "--base", pretrained[1], "--experiments", "variants", "--seeds", "1", "--reps", "1",
+                  "--max-steps", "5", "--out", out)
+    assert done.returncode == 0, done.stderr
+    sweep = json.loads(out.read_text())["sweeps"]["variants"]
+    assert sweep["jobs"] == 10 and 0 < sweep["floor_train_s"] < sweep["floor_s"] < sweep["wall_s"]
+    assert sweep["ratio_to_floor"] == sweep["wall_s"] / sweep["floor_s"]
+
+
 def test_startup_timeline_marks_each_stage_in_order(mnist_dir):
     done = script(ROOT / "benchmarks" / "startup.py", "--data-dir", mnist_dir, "--timeline")
     assert done.returncode == 0, done.stderr

@@ -75,6 +75,7 @@ def options(group: str) -> list[str]:
 SHIPPED = ([[f"model={o}"] for o in options("model")] + [[f"digits={o}", "stage=finetune"] for o in options("digits")]
            + [[f"lora={o}", "stage=finetune"] for o in options("lora")] + [[f"variant={o}", "stage=finetune"] for o in options("variant")]
            + [[f"rank={o}", "stage=finetune"] for o in options("rank")] + [[f"alpha={o}", "stage=finetune"] for o in options("alpha")]
+           + [[f"arm={o}", "stage=finetune", f"lr_step={step}"] for o in options("arm") for step in (-2, 2)]
            + [[f"accelerator={o}"] for o in options("accelerator") if o != "gpu"] + [[f"stage={o}"] for o in options("stage")]
            + [[f"experiment={o}"] for o in options("experiment") if o != "optuna"])
 

@@ -76,6 +76,15 @@ class Arm:
     points: tuple[Point, ...]  # by lr
     chosen: Point
 
+    def best_per_seed(self, rule: Selection) -> dict[int, float]:
+        """Each seed's own best lr on validation: how far the choice moves between seeds."""
+        scores: dict[int, list[tuple[float, float]]] = {}
+        for p in self.points:
+            for run in p.runs:
+                score = rule.objective(TestResult.from_json(run.metrics["val_base"]), TestResult.from_json(run.metrics["val"]), run.digits)
+                scores.setdefault(run.metrics["seed"], []).append((score, -p.lr))
+        return {seed: -max(pairs)[1] for seed, pairs in sorted(scores.items())}
+
     @property
     def at_edge(self) -> bool:
         """The chosen lr is the grid's lowest or highest: the optimum may lie beyond it."""
@@ -148,7 +157,7 @@ def to_json(arm_list: list[Arm], rule: Selection) -> dict:
         return {"median": s.median, "min": s.low, "max": s.high}
 
     return {"rule": {"budget": rule.budget}, "arms": [{
-        "arm": a.name, "chosen_lr": a.chosen.lr, "at_edge": a.at_edge,
+        "arm": a.name, "chosen_lr": a.chosen.lr, "at_edge": a.at_edge, "best_lr_per_seed": a.best_per_seed(rule),
         "points": [{"lr": p.lr, "seeds": [r.metrics["seed"] for r in p.runs], "jobs": [r.name for r in p.runs],
                     **{k: spread(getattr(p, k)) for k in ("objective", "val_gain", "val_forgetting", "gain", "forgetting", "target_wrong", "acc")}}
                    for p in a.points],
