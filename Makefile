@@ -8,7 +8,7 @@ VENV := .venv
 DEV_VENV := .venv-dev
 DATA ?= data
 
-.PHONY: install data run test bench clean
+.PHONY: install data run test bench gpu-check clean
 
 # $(call env,DIR,EXTRAS): a venv in DIR with the project installed editable, with EXTRAS. Built
 # afresh whenever pyproject.toml or the constraints change: pip never removes a package the
@@ -48,6 +48,14 @@ test: $(DEV_VENV)/.installed-stamp
 bench: $(DEV_VENV)/.installed-stamp
 	$(call MNIST,$(DEV_VENV))
 	$(DEV_VENV)/bin/python benchmarks/bench.py --reps 40 --data-dir $(DATA) --out docs/bench.json
+
+# On a GPU machine with torch, Lightning, torchmetrics, TensorBoard and PEFT installed: no venv,
+# the source tree as it is; Hydra and OmegaConf come from WHEELS where missing.
+# benchmarks/gpu_check.py says what it runs.
+WHEELS ?= .whl
+GPU_OUT ?= gpu_check.json
+gpu-check:
+	PYTHONPATH=src $(PYTHON) benchmarks/gpu_check.py --wheels $(WHEELS) --out $(GPU_OUT)
 
 clean:
 	rm -rf outputs/*/ multirun .pytest_cache

@@ -29,6 +29,8 @@ def merge(base: Path, adapter: Path, out: Path, sizes: list[int], name: str) -> 
     """Write the merged model; return the largest logit difference against base + adapter."""
     if out.exists():
         raise LoralabError(f"{out} already exists; choose another output path")
+    if not out.parent.is_dir():
+        raise LoralabError(f"{out.parent} does not exist; create it, or choose another output path")
     model, _ = load_base(base / BASE_FILE if base.is_dir() else base, sizes)
     load_adapter(model, adapter)
     model.eval()  # the adapter's dropout off: the probe compares the merged function, not one draw of it

@@ -4,6 +4,7 @@ only that the figures are there, and in the order one process's phases must come
 import json
 from importlib import metadata
 
+import pytest
 from packaging.requirements import Requirement
 
 from conftest import ROOT, script
@@ -45,6 +46,23 @@ def test_sweep_bench_times_a_sweep_against_its_floor(tmp_path, pretrained):
     sweep = json.loads(out.read_text())["sweeps"]["variants"]
     assert sweep["jobs"] == 10 and 0 < sweep["floor_train_s"] < sweep["floor_s"] < sweep["wall_s"]
     assert sweep["ratio_to_floor"] == sweep["wall_s"] / sweep["floor_s"]
+
+
+def test_gpu_check_without_a_gpu_runs_its_cpu_side(tmp_path):
+    """`make gpu-check`'s script on this machine: nothing to install (Hydra is here), the CUDA
+    tests collected and each skipped with its reason, no stage run, exit 0."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: `make gpu-check` runs the whole check")
+    out = tmp_path / "gpu.json"
+    done = script(ROOT / "benchmarks" / "gpu_check.py", "--out", out)
+    assert done.returncode == 0, done.stderr
+    results = json.loads(out.read_text())
+    assert results["installed_from_wheels"] == [] and results["cuda_available"] is False and "stages" not in results
+    tests = results["cuda_tests"]
+    assert tests["returncode"] == 0 and "skipped" in tests["summary"] and "passed" not in tests["summary"]
+    assert "needs a CUDA GPU" in tests["tail"]
 
 
 def test_startup_timeline_marks_each_stage_in_order(mnist_dir):

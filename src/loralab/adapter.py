@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from loralab.errors import ArtifactError
-from loralab.files import write_json, write_safetensors
+from loralab.files import regular_file, short, write_json, write_safetensors
 from loralab.inject import (
     inject_lora,
     linear_layers,
@@ -76,13 +76,15 @@ def save_adapter(model: nn.Module, directory: str | Path, sizes: list[int], base
 
 
 def read_adapter_config(directory: Path) -> dict:
+    if not directory.is_dir():
+        raise ArtifactError(f"adapter {short(directory)} is not a directory; pass the directory that holds {CONFIG_FILE} and {WEIGHTS_FILE}")
     path = directory / CONFIG_FILE
     if not path.exists():
-        raise ArtifactError(f"no {CONFIG_FILE} in {directory}; pass a directory written by save_adapter or PEFT")
+        raise ArtifactError(f"no {CONFIG_FILE} in {short(directory)}; pass a directory written by save_adapter or PEFT")
     try:
-        config = json.loads(path.read_text())
+        config = json.loads(regular_file(path, CONFIG_FILE, limit=1 << 20).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ArtifactError(f"{path} is not valid JSON ({err}); restore it or save the adapter again") from None
+        raise ArtifactError(f"{short(path)} is not valid JSON ({str(err)[:60]}); restore it or save the adapter again") from None
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
         found = config.get("peft_type") if isinstance(config, dict) else type(config).__name__
         raise ArtifactError(f"{path} has peft_type {found!r}; only LoRA adapters (peft_type \"LORA\") are supported")
@@ -104,7 +106,7 @@ def read_spec(config: dict, meta: dict, source: str) -> LoRASpec:
     try:
         return LoRASpec.from_peft_config(config, meta.get("loralab_init"))
     except (ValueError, TypeError) as err:  # a ConfigError (r=0) is a ValueError
-        raise ArtifactError(f"adapter in {source} cannot be used: {err}") from None
+        raise ArtifactError(f"adapter in {short(source)} cannot be used: {err}") from None
 
 
 def apply_adapter(model: nn.Module, spec: LoRASpec, state: dict, source: str) -> None:
@@ -113,7 +115,7 @@ def apply_adapter(model: nn.Module, spec: LoRASpec, state: dict, source: str) ->
         inject_lora(model, spec)
         load_lora_state_dict(model, state)
     except ValueError as err:
-        raise ArtifactError(f"adapter in {source} does not fit this base model: {err}") from None
+        raise ArtifactError(f"adapter in {short(source)} does not fit this base model: {err}") from None
 
 
 def check_fits(model: nn.Module, spec: LoRASpec, state: dict, source: str) -> None:
@@ -121,7 +123,7 @@ def check_fits(model: nn.Module, spec: LoRASpec, state: dict, source: str) -> No
     try:
         names = resolve_targets(model, spec.targets)
     except ValueError as err:
-        raise ArtifactError(f"adapter in {source} does not fit this base model: {err}") from None
+        raise ArtifactError(f"adapter in {short(source)} does not fit this base model: {err}") from None
     layers = linear_layers(model)
     expected = {}
     for name in names:
@@ -130,7 +132,7 @@ def check_fits(model: nn.Module, spec: LoRASpec, state: dict, source: str) -> No
     found = {key: tuple(t.shape) for key, t in state.items()}
     if found != expected:
         wrong = sorted(k for k in found.keys() | expected.keys() if found.get(k) != expected.get(k))[0]
-        raise ArtifactError(f"adapter in {source} does not fit this base model: {wrong} has shape {found.get(wrong)}, "
+        raise ArtifactError(f"adapter in {short(source)} does not fit this base model: {wrong} has shape {found.get(wrong)}, "
                             f"the model needs {expected.get(wrong)}")
 
 
@@ -153,7 +155,9 @@ def load_adapter(model: nn.Module, directory: str | Path) -> dict:
     Refuses an adapter whose shapes do not fit ``model``; warns when only the base differs.
     """
     config, state, meta = read_adapter(directory)
-    apply_adapter(model, read_spec(config, meta, str(directory)), state, str(directory))
+    spec = read_spec(config, meta, str(directory))
+    check_fits(model, spec, state, str(directory))  # before any allocation: r may be anything a file says
+    apply_adapter(model, spec, state, str(directory))
     warn_if_other_base(meta, fingerprint(model), str(directory))
     return config
 

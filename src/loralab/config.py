@@ -90,7 +90,7 @@ class FinetuneData(DataConfig):
     replay: float = setting(0.0, Rule(float, low=0, high=1, high_open=True))  # share of each batch from the other digits
     # The validation split's seed; null: the run's seed. Fixed across a sweep's seeds, every job
     # selects on the same images; 0 holds out what a seed-0 pretrain never trained on.
-    split_seed: int | None = setting(None, Rule(int, low=0, optional=True))
+    split_seed: int | None = setting(None, Rule(int, low=0, high=2**32 - 1, optional=True))
 
     def check_digits(self, value) -> tuple[int, ...] | None:
         return None if value == "auto" else super().check_digits(value)
@@ -132,7 +132,7 @@ class Settings(Checked):
     model: ModelConfig = setting(factory=ModelConfig)
     data: DataConfig = setting(factory=DataConfig)
     trainer: dict[str, Any] = setting(factory=lambda: dict(TRAINER))  # lightning.Trainer's keyword arguments
-    seed: int = setting(0, Rule(int, low=0))
+    seed: int = setting(0, Rule(int, low=0, high=2**32 - 1))  # the range torch and Lightning seed from
     data_dir: str = "${oc.env:LORALAB_DATA_DIR,data}"
     output_root: str = "outputs"
     # Each test's confusion matrix as a TensorBoard image: about 0.3 s of matplotlib each, a tenth
@@ -173,6 +173,13 @@ class FinetuneSettings(Settings):
         super().__post_init__()
         if self.finetune.distill and not self.data.replay:
             raise invalid("finetune.distill", self.finetune.distill, "distillation acts on replayed images; set data.replay > 0 too")
+        if self.data.replay:
+            # DigitBatchSampler replays round(replay * batch) images of each batch.
+            batch, replayed = self.data.batch_size, round(self.data.replay * self.data.batch_size)
+            if replayed >= batch or replayed == 0:
+                what = "all of it, none of the target digits" if replayed else "none of it"
+                raise invalid("data.replay", self.data.replay, f"at data.batch_size={batch} it replays {replayed} of each batch "
+                              f"({what}); choose a share that replays 1 to {batch - 1} ({1 / batch:.3g} to {(batch - 1) / batch:.3g}), or a larger batch")
         if self.optim.loraplus_ratio is not None and self.finetune.method != "lora":
             raise invalid("optim.loraplus_ratio", self.optim.loraplus_ratio,
                           "LoRA+ sets the adapters' B learning rate; a full fine-tune has none (leave it null)")

@@ -5,9 +5,39 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from loralab.errors import ArtifactError
+
+# Larger than any file loralab writes or reads (a base is 11 MB, MNIST's largest IDX 47 MB): a
+# bigger file is not one of them, and reading it whole would be the problem.
+MAX_READ_BYTES = 1 << 30
+
+
+def regular_file(path: str | Path, what: str, limit: int = MAX_READ_BYTES) -> Path:
+    """``path`` as a file loralab may read: it exists, is a regular file (not a directory, a
+    device or a FIFO, which would block or never end) and is at most ``limit`` bytes."""
+    path = Path(path)
+    try:
+        info = path.stat()
+    except OSError as err:
+        raise ArtifactError(f"{what} {short(path)} cannot be read ({err.strerror}); pass an existing file") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise ArtifactError(f"{what} {short(path)} is a directory; pass the file itself")
+    if not stat.S_ISREG(info.st_mode):
+        raise ArtifactError(f"{what} {short(path)} is not a regular file (a device, FIFO or socket); pass a file")
+    if info.st_size > limit:
+        raise ArtifactError(f"{what} {short(path)} is {info.st_size:,} bytes, larger than any {what}; pass the right file")
+    return path
+
+
+def short(path: str | Path, keep: int = 70) -> str:
+    """A path as an error line shows it: its end, where a long one would push the fix off the line."""
+    text = str(path)
+    return text if len(text) <= keep else f"…{text[-(keep - 1):]}"
 
 
 def _umask() -> int:
@@ -17,8 +47,13 @@ def _umask() -> int:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """A full disk, a file-size limit or a missing directory ends in an ArtifactError, the file
+    at ``path`` as it was (or absent) and no temporary file left."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise ArtifactError(f"cannot write {short(path)} ({err.strerror}); check that its directory exists and is writable") from None
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; artifacts are ordinary files
         with os.fdopen(fd, "wb") as handle:
@@ -26,6 +61,10 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        raise ArtifactError(f"could not write {short(path)} ({err.strerror}); free some space (or raise the file-size limit) "
+                            "and run again: the previous file is kept") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

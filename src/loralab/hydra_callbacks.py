@@ -10,6 +10,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from loralab.errors import LoralabError
+from loralab.files import short
 from loralab.report import show, write_summary
 from loralab.runs import METRICS_FILE
 
@@ -21,7 +22,15 @@ class FreshRunDir(Callback):
     dir, so a finished run, or any finished job of a sweep, stays byte-identical."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self.refuse_if_finished(Path(config.hydra.run.dir), [METRICS_FILE], "hydra.run.dir")
+        run_dir = Path(config.hydra.run.dir)
+        self.refuse_if_finished(run_dir, [METRICS_FILE], "hydra.run.dir")
+        if (run_dir / "checkpoints" / "last.ckpt").exists() and Path(config.get("resume") or "").resolve() != run_dir.resolve():
+            # An interrupted run: training into it would replace the checkpoint its resume needs.
+            from loralab.trainer import resume_command  # torch: only for this refusal
+
+            print(f"error: {short(run_dir)} holds an interrupted run (checkpoints/last.ckpt, no {METRICS_FILE}); continue it with "
+                  f"{resume_command(run_dir)}, or choose another hydra.run.dir", file=sys.stderr)
+            sys.exit(2)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.refuse_if_finished(Path(config.hydra.sweep.dir), ["summary.csv", f"*/{METRICS_FILE}"], "hydra.sweep.dir")

@@ -176,6 +176,8 @@ _verified: set[Path] = set()
 
 def ensure_mnist(data_dir: str | Path) -> str:
     """Make sure verified IDX files are in ``data_dir``; return the source that was used."""
+    if Path(data_dir).exists() and not Path(data_dir).is_dir():
+        raise DataError(f"data_dir={data_dir} is a file, not a directory; pass the directory that holds MNIST (or will: it is prepared there)")
     status = idx_status(data_dir)
     if status == "complete":
         if Path(data_dir).resolve() not in _verified:  # once per process, not per Trainer call

@@ -32,6 +32,8 @@ class AdapterCard:
         targets = s.targets if isinstance(s.targets, str) else ", ".join(s.targets)
         return [
             f"- rank {s.rank}, alpha {s.alpha:g}, scale {s.scale:g} ({'alpha / sqrt(rank), rsLoRA' if s.rslora else 'alpha / rank'})",
+            *([f"- per layer (PEFT's rank_pattern / alpha_pattern): ranks {s.rank_pattern}, alphas {s.alpha_pattern}"]
+              if s.rank_pattern or s.alpha_pattern else []),
             f"- targets: {targets}; dropout {s.dropout:g}; DoRA: {'yes' if s.dora else 'no'}",
             f"- init: {s.init}: {INITS[s.init]}",
             *([f"- saved as plain LoRA of rank {s.saved_rank} on the original base, as PEFT converts PiSSA"] if s.init == "pissa" else []),

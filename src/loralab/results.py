@@ -32,7 +32,12 @@ class TestResult:
 
     @classmethod
     def from_json(cls, obj: dict) -> TestResult:
-        return cls(acc=float(obj["acc"]), wrong=tuple(int(w) for w in obj["wrong"]), count=tuple(int(c) for c in obj["count"]))
+        """The result metrics.json holds; ValueError for anything loralab would not have written."""
+        result = cls(acc=float(obj["acc"]), wrong=tuple(int(w) for w in obj["wrong"]), count=tuple(int(c) for c in obj["count"]))
+        if not (0.0 <= result.acc <= 1.0) or len(result.wrong) != NUM_CLASSES or len(result.count) != NUM_CLASSES \
+                or not all(0 <= w <= c for w, c in zip(result.wrong, result.count)):
+            raise ValueError("a test result has an accuracy in [0, 1] and, per digit 0-9, 0 <= wrong <= count")
+        return result
 
 
 @dataclass(frozen=True)

@@ -8,10 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loralab.errors import ArtifactError
+from loralab.files import regular_file, short
 from loralab.results import Shift, TestResult
 from loralab.spec import variant_flags
 
 METRICS_FILE = "metrics.json"
+MAX_METRICS_BYTES = 16 << 20  # a metrics.json is kilobytes
 ERROR_FILE = "error.txt"  # a failed sweep job's one-line reason
 BASE_FILE = "base.safetensors"
 FULL_FILE = "model.safetensors"  # a fully fine-tuned model: the same format as a base
@@ -68,13 +70,19 @@ class Run:
 def read_run(directory: str | Path) -> Run:
     path = Path(directory) / METRICS_FILE
     if not path.exists():
-        raise ArtifactError(f"no {METRICS_FILE} in {directory}; pass the directory of a finished run")
+        raise ArtifactError(f"no {METRICS_FILE} in {short(directory)}; pass the directory of a finished run")
     try:
-        metrics = json.loads(path.read_text())
+        metrics = json.loads(regular_file(path, METRICS_FILE, limit=MAX_METRICS_BYTES).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ArtifactError(f"{path} is not readable JSON ({err}); the run did not finish cleanly") from None
     if not isinstance(metrics, dict) or "test" not in metrics:
-        raise ArtifactError(f"{path} is not a loralab metrics file (no 'test' result)")
+        raise ArtifactError(f"{short(path)} is not a loralab metrics file (no 'test' result)")
+    for key in ("test", "test_base", "val", "val_base"):
+        if metrics.get(key) is not None:
+            try:
+                TestResult.from_json(metrics[key])
+            except (KeyError, TypeError, ValueError, AttributeError):
+                raise ArtifactError(f"{short(path)}'s {key!r} is not a test result loralab wrote; restore the file or rerun the run") from None
     return Run(Path(directory), metrics)
 
 
@@ -126,8 +134,8 @@ def resolve_base(base: str | None, output_root: str | Path, sizes: list[int]) ->
             if not path.exists():
                 raise ArtifactError(f"base={base} is a directory with no {BASE_FILE}; pass a pretrain run dir or a .safetensors file")
         elif not path.exists():
-            raise ArtifactError(f"base={base} does not exist; pass a pretrain run dir or a .safetensors file")
-        return path
+            raise ArtifactError(f"base={short(base)} does not exist; pass a pretrain run dir or a .safetensors file")
+        return regular_file(path, "base file")  # /dev/zero or a FIFO would be read for ever
     runs = []
     for metrics_file in Path(output_root).glob(f"**/{METRICS_FILE}"):
         try:

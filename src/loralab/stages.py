@@ -22,7 +22,7 @@ from loralab.classifier import Classifier
 from loralab.config import EvalSettings, FinetuneSettings, Job, PretrainSettings, Settings
 from loralab.dashboard import add_forgetting_chart, hp_results, log_hparams
 from loralab.data import MNISTDataModule
-from loralab.errors import ArtifactError
+from loralab.errors import ArtifactError, DataError
 from loralab.files import write_json
 from loralab.inject import count_parameters, lora_disabled, merge_lora, unmerge_lora
 from loralab.methods import base_result, make_method
@@ -53,8 +53,13 @@ def make_datamodule(cfg: Settings, digits: list[int]) -> MNISTDataModule:
 
 def check_batches(cfg: Settings, datamodule: MNISTDataModule) -> None:
     """load_job's trainer check again, now that the number of training batches is known
-    (val_check_interval may not exceed it), before the Trainer writes its first file."""
-    check_trainer_args(trainer_kwargs(cfg.trainer), train_batches=len(datamodule.train_dataloader()))
+    (val_check_interval may not exceed it), before the Trainer writes its first file. A run with
+    nothing to train on would write metrics.json with status ok."""
+    batches = len(datamodule.train_dataloader())
+    if batches == 0:
+        raise DataError(f"no training images of digits {datamodule.digits} are left once data.val_size={cfg.data.val_size} are held out; "
+                        "lower data.val_size")
+    check_trainer_args(trainer_kwargs(cfg.trainer), train_batches=batches)
 
 
 def fit_callbacks(run_dir: Path, module: Classifier, extra: list = ()) -> list:

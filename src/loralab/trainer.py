@@ -14,12 +14,12 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from torch.multiprocessing import ProcessRaisedException
 
 from loralab.config import INCIDENTAL, Job, Settings, flat
 from loralab.errors import ArtifactError, LoralabError
-from loralab.files import atomic_write_bytes
+from loralab.files import atomic_write_bytes, regular_file, short
 from loralab.monitors import measurements
 from loralab.progress import StepProgressBar
 from loralab.results import NUM_CLASSES, TestResult
@@ -138,17 +138,36 @@ def resume_checkpoint(job: Job) -> Path | None:
         raise ArtifactError(f"resume={run_dir} has no checkpoints/last.ckpt; pass the run dir of an interrupted run")
     saved = run_dir / ".hydra" / "config.yaml"
     if saved.exists():
-        before, now = flat(OmegaConf.to_container(OmegaConf.load(saved), resolve=True)), flat(job.composed)
+        try:
+            loaded = OmegaConf.load(regular_file(saved, "saved config"))
+            if not isinstance(loaded, DictConfig):
+                raise TypeError("not a mapping")
+            before = flat(OmegaConf.to_container(loaded, resolve=True))
+        except LoralabError:
+            raise
+        except Exception as err:  # noqa: BLE001 - YAML, interpolation or type errors: not the file Hydra wrote
+            raise ArtifactError(f"{short(saved)} is not the config Hydra saved ({type(err).__name__}); restore it, or start afresh") from None
+        now = flat(job.composed)
         changed = sorted(k for k in before.keys() | now.keys() if k not in INCIDENTAL and before.get(k) != now.get(k))
         if changed:
             first = changed[0]
             raise ArtifactError(f"resume={run_dir} ran with {first}={before.get(first)!r}, not {now.get(first)!r}"
                                 f"{f' (and {len(changed) - 1} more)' if len(changed) > 1 else ''}; resume with: {resume_command(run_dir)}")
     try:
-        torch.load(ckpt, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(regular_file(ckpt, "checkpoint"), map_location="cpu", weights_only=True)
+    except LoralabError:
+        raise
     except Exception as err:  # noqa: BLE001 - every failure here means "not a safe, whole checkpoint"
-        raise ArtifactError(f"{ckpt} is not a loadable checkpoint (refused: {str(err).splitlines()[0][:160]})") from None
+        raise ArtifactError(f"{short(ckpt)} is not a loadable checkpoint (refused: {str(err).splitlines()[0][:80]})") from None
+    missing = [key for key in CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or key not in checkpoint]
+    if missing:
+        raise ArtifactError(f"{short(ckpt)} is not a Lightning checkpoint of a loralab run (no {', '.join(missing)}); "
+                            "resume from the run that wrote it, or start afresh")
     return ckpt
+
+
+# What Lightning needs to continue a run (its loops, the optimizer, the weights).
+CHECKPOINT_KEYS = ("state_dict", "optimizer_states", "loops", "global_step")
 
 
 def last_checkpoint(run_dir: Path) -> str | None:

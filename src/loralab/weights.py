@@ -13,7 +13,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from loralab.errors import ArtifactError
-from loralab.files import write_safetensors
+from loralab.files import regular_file, short, write_safetensors
 from loralab.lora import is_lora_name
 from loralab.model import MLP
 
@@ -69,32 +69,51 @@ def non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
 
 
 def read_safetensors(path: Path, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Every safetensors file loralab reads (bases and adapters) comes through here, whole and finite."""
+    """Every safetensors file loralab reads (bases and adapters) comes through here: a regular file,
+    whole, floating-point and finite."""
+    regular_file(path, what)
     try:
         with safe_open(str(path), framework="pt") as handle:
             tensors, meta = {k: handle.get_tensor(k) for k in handle.keys()}, handle.metadata() or {}
     except (SafetensorError, OSError, ValueError) as err:
-        raise ArtifactError(f"{path} is not a readable safetensors {what} ({err}); pass a file written by loralab") from None
+        raise ArtifactError(f"{short(path)} is not a readable safetensors {what} ({str(err)[:60]}); pass a file written by loralab") from None
+    if wrong := next((name for name, t in tensors.items() if not t.is_floating_point()), None):
+        # load_state_dict would cast int8 or bool to float without a word, and the run "work".
+        raise ArtifactError(f"{short(path)} holds {tensors[wrong].dtype} tensor {wrong!r}; a {what} holds floating-point weights")
     found = non_finite(tensors)
     if found:
         raise ArtifactError(f"{path} holds non-finite values in {found}; it is damaged or from a diverged run: pass another {what}, or train it again")
     return tensors, meta
 
 
+def model_sizes(meta: dict[str, str], path: Path) -> list[int] | None:
+    """The layer sizes a file's ``model`` metadata records (None where it records none)."""
+    try:
+        record = json.loads(meta.get("model", "{}"))
+        sizes = record.get("sizes") if isinstance(record, dict) else None
+    except (json.JSONDecodeError, TypeError):
+        sizes = "unreadable"
+    if sizes is not None and not (isinstance(sizes, list) and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in sizes)):
+        raise ArtifactError(f"{short(path)}'s 'model' metadata is not loralab's (sizes {str(sizes)[:40]}); pass a file loralab wrote")
+    return sizes
+
+
 def load_base(path: str | Path, sizes: list[int]) -> tuple[MLP, dict]:
     """Build an MLP of ``sizes`` and fill it from ``path``; any mismatch is an ArtifactError."""
     path = Path(path)
     tensors, meta = read_safetensors(path, "base model")
-    stored = json.loads(meta.get("model", "{}")).get("sizes")
+    stored = model_sizes(meta, path)
     if stored is not None and list(stored) != list(sizes):
         raise ArtifactError(
             f"{path} holds a {'-'.join(map(str, stored))} model but the configured model is "
             f"{'-'.join(map(str, sizes))}; pick the matching model=... or another base"
         )
+    if any(is_lora_name(name.removesuffix(".weight")) for name in tensors):
+        raise ArtifactError(f"{short(path)} is a LoRA adapter, not a base; pass base=<pretrain run dir>, and the adapter to stage=eval")
     model = MLP(sizes)
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as err:
         first = str(err).strip().splitlines()[-1].strip()
-        raise ArtifactError(f"{path} does not fit a {'-'.join(map(str, sizes))} MLP ({first})") from None
+        raise ArtifactError(f"{short(path)} does not fit a {'-'.join(map(str, sizes))} MLP ({first[:70]}); pass a base of these sizes") from None
     return model, meta
