@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-NEEDED = {"hydra": "hydra-core", "omegaconf": "omegaconf", "antlr4": "antlr4-python3-runtime"}
+NEEDED = {"hydra": "hydra-core", "omegaconf": "omegaconf", "antlr4": "antlr4-python3-runtime", "pytest": "pytest"}
 
 
 def install_missing(wheels: Path | None) -> list[str]:
@@ -45,24 +45,29 @@ def env() -> dict:
 
 
 def run(args: list[str], timeout: int) -> dict:
+    """One step, recorded whatever happens: a step that runs out of time is a result too, and the
+    others still run and get written."""
     start = time.perf_counter()
-    done = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env(), timeout=timeout)
-    return {"command": " ".join(args[1:]), "returncode": done.returncode, "seconds": time.perf_counter() - start,
-            "tail": (done.stdout + done.stderr)[-1500:]}
+    try:
+        done = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env(), timeout=timeout)
+        returncode, tail = done.returncode, (done.stdout + done.stderr)[-1500:]
+    except subprocess.TimeoutExpired as err:
+        returncode, tail = "timeout", f"killed after {timeout} s: {str(err.stdout or '')[-1000:]}"
+    return {"command": " ".join(args[1:]), "returncode": returncode, "seconds": time.perf_counter() - start, "tail": tail}
 
 
 def cuda_tests() -> dict:
-    result = run([sys.executable, "-m", "pytest", "-m", "cuda", "-rs", "-q", "tests/test_cuda.py", "-p", "no:cacheprovider"], 300)
+    result = run([sys.executable, "-m", "pytest", "-m", "cuda", "-rs", "-q", "tests/test_cuda.py", "-p", "no:cacheprovider"], 150)
     result["summary"] = next((line for line in reversed(result["tail"].splitlines()) if " in " in line), "")
     return result
 
 
 def stage_runs(out: Path) -> dict:
     common = [f"output_root={out}", "accelerator=gpu", "trainer.enable_progress_bar=false"]
-    runs = {"pretrain": run([sys.executable, "train.py", "stage=pretrain", "trainer.max_epochs=1", *common], 240)}
+    runs = {"pretrain": run([sys.executable, "train.py", "stage=pretrain", "trainer.max_epochs=1", *common], 150)}
     base = f"base={next(out.glob('pretrain/*/base.safetensors'), 'none')}"
-    runs["finetune"] = run([sys.executable, "train.py", "stage=finetune", base, *common], 120)
-    runs["finetune_bf16"] = run([sys.executable, "train.py", "stage=finetune", base, "trainer.precision=bf16-mixed", *common], 120)
+    runs["finetune"] = run([sys.executable, "train.py", "stage=finetune", base, *common], 60)
+    runs["finetune_bf16"] = run([sys.executable, "train.py", "stage=finetune", base, "trainer.precision=bf16-mixed", *common], 60)
     for name, path in (("pretrain", "pretrain"), ("finetune", "finetune")):
         found = sorted(out.glob(f"{path}/*/metrics.json"))
         runs[f"{name}_metrics"] = [{k: json.loads(f.read_text()).get(k) for k in ("status", "test", "seconds", "base_unchanged")} for f in found]
@@ -156,11 +161,11 @@ def main() -> None:
     import torch
 
     results |= {"torch": torch.__version__, "cuda_available": torch.cuda.is_available()}
-    results["mnist"] = run([sys.executable, "-m", "loralab.mnist", "data"], 120)
+    results["mnist"] = run([sys.executable, "-m", "loralab.mnist", "data"], 60)
     results["cuda_tests"] = cuda_tests()
     if torch.cuda.is_available():
         results["gpu"] = torch.cuda.get_device_name(0)
-        out = ROOT / "outputs" / "gpu-check"
+        out = ROOT / "outputs" / f"gpu-check-{time.strftime('%Y%m%d-%H%M%S')}"  # a fresh root: its base is this run's
         results["stages"] = stage_runs(out)
         results["timings"] = timings(args.reps)
     else:
@@ -170,7 +175,7 @@ def main() -> None:
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps({k: v for k, v in results.items() if k in ("gpu", "cuda_available", "skipped")} | {"cuda_tests": results["cuda_tests"]["summary"]}))
     print(f"wrote {args.out}")
-    failed = [k for k, v in results.get("stages", {}).items() if isinstance(v, dict) and v.get("returncode")]
+    failed = [k for k, v in results.get("stages", {}).items() if isinstance(v, dict) and v.get("returncode") != 0]
     if results["cuda_tests"]["returncode"] != 0 or failed:  # pytest's 5 (no test collected) fails too
         sys.exit(1)
 

@@ -57,7 +57,7 @@ def test_round_trip_is_bit_identical(tmp_path):
 
 def test_adapter_for_another_shape_is_refused(tmp_path):
     save_adapter(adapted(sizes=[784, 64, 16, 10]), tmp_path, [784, 64, 16, 10])
-    with pytest.raises(ArtifactError, match="does not fit this base model"):
+    with pytest.raises(ArtifactError, match="does not fit the base"):
         load_adapter(MLP(SIZES), tmp_path)
 
 

@@ -98,6 +98,7 @@ def test_base_results_are_shared_by_base_and_images_only():
         calls.append(split)
         return TestResult(0.5, (1,) * 10, (2,) * 10)
 
+    logged = []
     for sha, images in (("a", ("data",)), ("a", ("data",)), ("b", ("data",)), ("a", ("data", 5000, 1))):
-        base_result(test, "test_base", f"frontier-test-{sha}", images)
-    assert len(calls) == 3
+        base_result(test, "test_base", f"frontier-test-{sha}", images, lambda result, split: logged.append(split))
+    assert len(calls) == 3 and logged == ["test_base"]  # the shared one is logged in the job that reuses it

@@ -136,8 +136,13 @@ def test_peft_pissa_with_rank_pattern_matches_ours_converted(tmp_path):
     theirs = peft.get_peft_model(base_model(), peft.LoraConfig(r=4, lora_alpha=4, rank_pattern={"linear3": 2}, init_lora_weights="pissa",
                                                             target_modules=["linear1", "linear2", "linear3"]))
     assert theirs.base_model.model.linear3.r["default"] == 2
-    loaded = peft.PeftModel.from_pretrained(base_model(), str(tmp_path / "ours"))
+    with torch.no_grad():  # trained: B moves off B0, so the file's scale and doubled ranks matter
+        for name, p in ours.named_parameters():
+            if name.endswith("lora_B"):
+                p.add_(0.05 * torch.randn_like(p))
+    save_adapter(ours, tmp_path / "trained", SIZES)
+    loaded = peft.PeftModel.from_pretrained(base_model(), str(tmp_path / "trained"))
     x = torch.randn(16, 784)
-    # A fresh PiSSA adapter is the base exactly: the converted file is a no-op on the original base.
-    assert torch.allclose(loaded(x), base_model()(x), atol=1e-4)
-    assert loaded.base_model.model.linear3.r["default"] == 4
+    assert not torch.allclose(ours(x), base_model()(x), atol=1e-3)
+    assert torch.allclose(loaded(x), ours(x), atol=1e-4)
+    assert loaded.base_model.model.linear3.r["default"] == 4 and loaded.base_model.model.linear1.r["default"] == 8

@@ -44,7 +44,7 @@ BAD = [
     (["accelerator=ddp", "trainer.strategy=ddp"], "use accelerator=ddp"),
     (["accelerator=ddp", "trainer.devices=3"], "divide evenly among trainer.devices=3"),
     (["accelerator=ddp", "trainer.devices=0"], "trainer.devices=0"),
-    (["seed=-1"], "seed=-1 is invalid: expected an integer ≥ 0"),
+    (["seed=-1"], "seed=-1 is invalid: expected an integer from 0 to 4294967295"),
     (["data.batch_size=abc"], "data.batch_size='abc' is invalid: expected an integer ≥ 1"),
     (["stage=finetune", "optim.loraplus_ratio=abc"], "optim.loraplus_ratio='abc' is invalid: expected a number > 0 (or null)"),
     (["digits=auto"], "needs stage=finetune"),

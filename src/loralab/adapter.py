@@ -115,7 +115,7 @@ def apply_adapter(model: nn.Module, spec: LoRASpec, state: dict, source: str) ->
         inject_lora(model, spec)
         load_lora_state_dict(model, state)
     except ValueError as err:
-        raise ArtifactError(f"adapter in {short(source)} does not fit this base model: {err}") from None
+        raise ArtifactError(f"adapter in {short(source)} does not fit the base: {err}") from None
 
 
 def check_fits(model: nn.Module, spec: LoRASpec, state: dict, source: str) -> None:
@@ -123,7 +123,7 @@ def check_fits(model: nn.Module, spec: LoRASpec, state: dict, source: str) -> No
     try:
         names = resolve_targets(model, spec.targets)
     except ValueError as err:
-        raise ArtifactError(f"adapter in {short(source)} does not fit this base model: {err}") from None
+        raise ArtifactError(f"adapter in {short(source)} does not fit the base: {err}") from None
     layers = linear_layers(model)
     expected = {}
     for name in names:
@@ -132,7 +132,7 @@ def check_fits(model: nn.Module, spec: LoRASpec, state: dict, source: str) -> No
     found = {key: tuple(t.shape) for key, t in state.items()}
     if found != expected:
         wrong = sorted(k for k in found.keys() | expected.keys() if found.get(k) != expected.get(k))[0]
-        raise ArtifactError(f"adapter in {short(source)} does not fit this base model: {wrong} has shape {found.get(wrong)}, "
+        raise ArtifactError(f"adapter in {short(source)} does not fit the base: {wrong} has shape {found.get(wrong)}, "
                             f"the model needs {expected.get(wrong)}")
 
 

@@ -179,10 +179,14 @@ class Classifier(L.LightningModule):
         """Scalars to log for one split: accuracy, and errors per digit and per target/other group."""
         confmat = values["confmat"]
         count = confmat.sum(dim=1)
-        result = TestResult(values["acc"].item(), tuple((count - confmat.diagonal()).tolist()), tuple(count.tolist()))
+        return self.scalars(TestResult(values["acc"].item(), tuple((count - confmat.diagonal()).tolist()), tuple(count.tolist())), split)
+
+    def scalars(self, result: TestResult, split: str) -> dict[str, float]:
+        """``result``'s scalars under ``split``: what a test logs, and what a job logs for a base
+        result another job of its sweep measured (loralab.methods.base_result)."""
         out = {f"{split}/acc": result.acc}
         for d in range(NUM_CLASSES):
-            out[f"{split}/err_d{d}"] = 1.0 - values["digit_acc"][d].item()
+            out[f"{split}/err_d{d}"] = result.wrong[d] / result.count[d] if result.count[d] else 1.0  # torchmetrics' 0 accuracy
             out[f"{split}/wrong_d{d}"] = float(result.wrong[d])
         other = [d for d in range(NUM_CLASSES) if d not in self.target_digits]
         for group, digits in (("target", self.target_digits), ("other", other)):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import gc
 import logging
 import os
@@ -74,6 +75,9 @@ def swept_values(hydra_cfg: DictConfig) -> dict:
             for key in dict.fromkeys(swept) if key in job}
 
 
+DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
 def run_job(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
@@ -107,6 +111,13 @@ def run_job(cfg: DictConfig) -> float | None:
             return None
         discard_if_empty(run_dir, Path(cfg.output_root))
         mark_failed(run_dir, err)
+        sys.exit(2)
+    except OSError as err:
+        if err.errno not in DISK_FULL or cfg.get("debug"):
+            mark_failed(run_dir, err)
+            raise
+        # A write outside loralab's own (Lightning's, TensorBoard's) on a full disk: not a bug.
+        print(f"error: the disk is full or a file-size limit was reached ({err.strerror}); free some space and run again", file=sys.stderr)
         sys.exit(2)
     except Exception as err:
         mark_failed(run_dir, err)  # a bug: its traceback follows

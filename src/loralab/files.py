@@ -34,7 +34,7 @@ def regular_file(path: str | Path, what: str, limit: int = MAX_READ_BYTES) -> Pa
     return path
 
 
-def short(path: str | Path, keep: int = 70) -> str:
+def short(path: str | Path, keep: int = 48) -> str:
     """A path as an error line shows it: its end, where a long one would push the fix off the line."""
     text = str(path)
     return text if len(text) <= keep else f"…{text[-(keep - 1):]}"

@@ -77,8 +77,8 @@ class LoRAFinetuning(L.Callback):
             trainer.logger.log_metrics({f"params/{k}": float(v) for k, v in counts.items()}, step=0)
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # The base is frozen: its errors are measured once, on the first full validation's batches,
-        # unless the stage has given them (base_wrong, from the base's cached validation result).
+        # The base is frozen: its errors are measured once, on the first full validation's batches
+        # (the ones validation really runs: trainer.limit_val_batches may keep fewer than val_base's).
         if self.base_wrong is None and not trainer.sanity_checking:
             self.base_confmat = MulticlassConfusionMatrix(NUM_CLASSES).to(pl_module.device)
 

@@ -26,10 +26,8 @@ class FreshRunDir(Callback):
         self.refuse_if_finished(run_dir, [METRICS_FILE], "hydra.run.dir")
         if (run_dir / "checkpoints" / "last.ckpt").exists() and Path(config.get("resume") or "").resolve() != run_dir.resolve():
             # An interrupted run: training into it would replace the checkpoint its resume needs.
-            from loralab.trainer import resume_command  # torch: only for this refusal
-
-            print(f"error: {short(run_dir)} holds an interrupted run (checkpoints/last.ckpt, no {METRICS_FILE}); continue it with "
-                  f"{resume_command(run_dir)}, or choose another hydra.run.dir", file=sys.stderr)
+            print(f"error: {short(run_dir)} holds an interrupted run (a checkpoint, no {METRICS_FILE}); continue it with "
+                  "resume=<that dir> and its overrides, or choose another hydra.run.dir", file=sys.stderr)
             sys.exit(2)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -53,11 +51,14 @@ class SweepSummary(Callback):
         # A sweep has no train.log of its own (Hydra's file handler is the last job's by now).
         sweep_dir = Path(config.hydra.sweep.dir)
         show(f"\nSweep summary ({sweep_dir}/summary.md):\n{table}", sweep_dir / SWEEP_LOG)
-        if any(r.get("status") == "ok" and r.get("method") for r in rows):  # fine-tunes: an lr axis makes a frontier
+        if any(r.get("status") == "ok" and r.get("method") in ("lora", "full") for r in rows):  # fine-tunes: an lr axis makes a frontier
             from loralab.plots import write_frontier  # matplotlib, for this sweep end only
 
-            if (frontier := write_frontier(sweep_dir)) is not None:
-                show(f"\n{frontier.read_text()}", sweep_dir / SWEEP_LOG)
+            try:
+                if (frontier := write_frontier(sweep_dir)) is not None:
+                    show(f"\n{frontier.read_text()}", sweep_dir / SWEEP_LOG)
+            except (LoralabError, ValueError, OSError) as err:  # Hydra would turn it into a warning and drop the exit below
+                print(f"error: no frontier report: {err}", file=sys.stderr)
         failed = [r["job"] for r in rows if r.get("status") != "ok"]
         if failed:
             print(f"error: {len(failed)} of {len(rows)} jobs failed: {', '.join(failed)}", file=sys.stderr)

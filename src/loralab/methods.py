@@ -26,12 +26,15 @@ Test = Callable[[str], TestResult]  # runs the test set (or, for a "val..." spli
 BASE_RESULTS: dict[tuple, TestResult] = {}
 
 
-def base_result(test: Test, split: str, base_sha256: str, images: tuple) -> TestResult:
+def base_result(test: Test, split: str, base_sha256: str, images: tuple, log: Callable[[TestResult, str], None]) -> TestResult:
     """The base's result on ``split`` (test_base, val_base); ``images`` names the data tested
     (the data dir; for validation, its size and seed too). Call it before training: a full
-    fine-tune trains the base, and adapters are switched off for it."""
+    fine-tune trains the base, and adapters are switched off for it. A result another job
+    measured is logged through ``log``, so every run's TensorBoard has its base's scalars."""
     key = (base_sha256, images, split)
-    if key not in BASE_RESULTS:
+    if key in BASE_RESULTS:
+        log(BASE_RESULTS[key], split)
+    else:
         BASE_RESULTS[key] = test(split)
     return BASE_RESULTS[key]
 
@@ -67,10 +70,6 @@ class LoRAMethod:
         # and rank 0's weights come back into it.
         self.callback.attach(module)
 
-    def know_base(self, val_base: TestResult) -> None:
-        """The base's validation errors, which the callback's per-digit changes are counted from."""
-        self.callback.base_wrong = list(val_base.wrong)
-
     def compare_base(self, model: nn.Module) -> dict:
         """On the weights the run keeps (under ddp_spawn, the ones rank 0 sent back). A changed
         base stops the run before any artifact is written."""
@@ -102,9 +101,6 @@ class FullMethod:
         return []
 
     def prepare(self, module) -> None:
-        pass
-
-    def know_base(self, val_base: TestResult) -> None:
         pass
 
     def compare_base(self, model: nn.Module) -> dict:

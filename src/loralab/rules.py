@@ -53,7 +53,7 @@ class Rule:
             return "expected a string" + (" or null" if self.optional else "")
         noun = "an integer" if self.kind is int else "a number"
         if self.kind is int and self.high is not None and not (self.low_open or self.high_open):
-            bounds = f"from {self.low:g} to {self.high:g}"
+            bounds = f"from {int(self.low)} to {int(self.high)}"
         else:
             bounds = " and ".join(
                 f"{sign} {limit:g}" for limit, sign in ((self.low, ">" if self.low_open else "≥"), (self.high, "<" if self.high_open else "≤"))

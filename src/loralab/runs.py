@@ -78,7 +78,7 @@ def read_run(directory: str | Path) -> Run:
     if not isinstance(metrics, dict) or "test" not in metrics:
         raise ArtifactError(f"{short(path)} is not a loralab metrics file (no 'test' result)")
     for key in ("test", "test_base", "val", "val_base"):
-        if metrics.get(key) is not None:
+        if key == "test" or metrics.get(key) is not None:
             try:
                 TestResult.from_json(metrics[key])
             except (KeyError, TypeError, ValueError, AttributeError):

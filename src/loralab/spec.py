@@ -108,7 +108,8 @@ class LoRASpec(Checked):
     def to_peft_config(self) -> dict:
         """adapter_config.json in PEFT's LoraConfig fields, describing the saved file."""
         # PEFT's PiSSA conversion keeps the scale at twice the rank: alpha * 2, or * sqrt 2 (rsLoRA),
-        # and doubles each pattern entry the same way (peft_model.py, save_pretrained).
+        # and doubles rank_pattern (peft_model.py, save_pretrained); each alpha_pattern entry gets
+        # the factor that keeps its layer's scale (PEFT refuses rsLoRA with patterns there).
         factor = self.saving_factor ** (0.5 if self.rslora else 1.0)
         return {
             "peft_type": "LORA",
@@ -165,8 +166,8 @@ class LoRASpec(Checked):
             init=loralab_init if loralab_init in ("gaussian", "kaiming") else "gaussian" if init == "gaussian" else "kaiming",
             rslora=bool(config.get("use_rslora", False)),
             dora=bool(config.get("use_dora", False)),
-            rank_pattern=dict(config.get("rank_pattern") or {}),
-            alpha_pattern=dict(config.get("alpha_pattern") or {}),
+            rank_pattern=config.get("rank_pattern") or {},  # LoRASpec refuses what is not a mapping
+            alpha_pattern=config.get("alpha_pattern") or {},
         )
 
 
@@ -182,7 +183,7 @@ def compile_pattern(key: str, pattern: str) -> re.Pattern:
     try:
         return re.compile(pattern)
     except (re.error, TypeError) as err:
-        raise invalid(key, pattern, f"not a regular expression ({err}); fix or escape it") from None
+        raise invalid(key, pattern, f"not a regular expression ({getattr(err, 'msg', err)}); fix or escape it") from None
 
 
 def pattern_key(pattern: dict, layer: str) -> str | None:

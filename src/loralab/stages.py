@@ -137,11 +137,12 @@ def finetune(job: Job, run_dir: Path) -> dict:
     add_forgetting_chart(trainer)
     test = partial(run_test, tester(trainer, cfg, run_dir), module, datamodule)
     method.prepare(module)  # LoRA: the adapters are attached here, once
-    data = str(Path(cfg.data_dir).resolve())
+    # The images, and how the base is run on them (bf16 gives other results than fp32).
+    data = (str(Path(cfg.data_dir).resolve()), str(trainer.precision), type(trainer.accelerator).__name__)
+    shared = partial(log_result, trainer, module)
     with lora_disabled(model):  # before training: a full fine-tune trains the base itself
-        test_base = base_result(test, "test_base", method.base_sha256, (data,))
-        val_base = base_result(test, "val_base", method.base_sha256, (data, cfg.data.val_size, datamodule.split_seed))
-    method.know_base(val_base)
+        test_base = base_result(test, "test_base", method.base_sha256, data, shared)
+        val_base = base_result(test, "val_base", method.base_sha256, (*data, cfg.data.val_size, datamodule.split_seed), shared)
     fitted = fit(trainer, module, datamodule, ckpt)
     base_comparison = method.compare_base(model)
     start = time.perf_counter()
@@ -174,6 +175,11 @@ def finetune(job: Job, run_dir: Path) -> dict:
     log_hparams(trainer, job, digits, method.summary(), hp_results(result, shift))
     show(f"\n{method.describe()} on digits {digits}, test set, base -> fine-tuned:\n{digit_table(result, before=test_base, digits=digits)}")
     return metrics
+
+
+def log_result(trainer: L.Trainer, module: Classifier, result: TestResult, split: str) -> None:
+    if trainer.logger is not None:
+        trainer.logger.log_metrics(module.scalars(result, split), step=0)
 
 
 def model_card(cfg: FinetuneSettings, run_dir: Path, base_path: Path, base_file_sha: str, base_sha: str, digits: list[int],

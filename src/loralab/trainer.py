@@ -161,8 +161,7 @@ def resume_checkpoint(job: Job) -> Path | None:
         raise ArtifactError(f"{short(ckpt)} is not a loadable checkpoint (refused: {str(err).splitlines()[0][:80]})") from None
     missing = [key for key in CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or key not in checkpoint]
     if missing:
-        raise ArtifactError(f"{short(ckpt)} is not a Lightning checkpoint of a loralab run (no {', '.join(missing)}); "
-                            "resume from the run that wrote it, or start afresh")
+        raise ArtifactError(f"{short(ckpt)} is not a Lightning checkpoint (no {', '.join(missing)}); resume the run that wrote it")
     return ckpt
 
 
