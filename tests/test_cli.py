@@ -126,6 +126,13 @@ def test_twelve_job_sweep_with_bad_values_finishes_the_rest(tmp_path, pretrained
         assert not list(job.glob(".*.tmp"))
 
 
+def test_a_pretrain_sweep_with_a_failed_job_exits_1(tmp_path):
+    """The sweep's end (summary, and the frontier report for fine-tunes only) never hides a failed job."""
+    done = train_py("-m", *SLICE, "stage=pretrain", "trainer.max_epochs=1", "trainer.val_check_interval=1.0,25", f"output_root={tmp_path}")
+    assert done.returncode == 1 and "1 of 2 jobs failed" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and "no frontier report" not in done.stderr
+
+
 def test_digits_auto_without_base_metrics(tmp_path, pretrained):
     lone = tmp_path / "lone"
     lone.mkdir()
