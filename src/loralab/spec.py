@@ -65,7 +65,8 @@ class LoRASpec(Checked):
 
     def __hash__(self) -> int:
         # The patterns are dicts; a spec is still a value (AdapterSet and adapter_spec compare them).
-        return hash(tuple((f.name, tuple(v.items()) if isinstance(v := getattr(self, f.name), dict) else v) for f in fields(self)))
+        # Sorted: equal specs (dict equality ignores order) must hash alike.
+        return hash(tuple((f.name, tuple(sorted(v.items())) if isinstance(v := getattr(self, f.name), dict) else v) for f in fields(self)))
 
     @property
     def scale(self) -> float:
