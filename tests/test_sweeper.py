@@ -1,0 +1,35 @@
+"""loralab's sweeper (src/hydra_plugins/loralab_sweeper.py): each distinct override composed once
+before the first job, so a bad value still fails the sweep before any job runs."""
+
+from __future__ import annotations
+
+import itertools
+
+from hydra import compose, initialize_config_dir
+
+from conftest import CONF, train_py
+from hydra_plugins.loralab_sweeper import covering
+
+
+def test_covering_holds_every_override_in_at_most_the_sum_of_the_axes():
+    axes = [[f"arm={a}" for a in "abc"], [f"lr_step={s}" for s in range(-2, 3)], [f"seed={s}" for s in range(5)]]
+    batch = [list(job) for job in itertools.product(*axes)]
+    kept = covering(batch)
+    assert {o for job in kept for o in job} == {o for axis in axes for o in axis}
+    assert len(kept) <= sum(map(len, axes)) and kept[0] == batch[0]
+    assert all(job in batch for job in kept)
+
+
+def test_the_frontier_and_variants_sweeps_use_it():
+    for experiment in ("frontier", "variants"):
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            cfg = compose("config", overrides=[f"experiment={experiment}"], return_hydra_config=True)
+        assert cfg.hydra.sweeper._target_ == "hydra_plugins.loralab_sweeper.LoralabSweeper"
+
+
+def test_a_bad_value_last_in_an_axis_fails_before_the_first_job(tmp_path, pretrained):
+    _, base = pretrained
+    done = train_py("-m", "experiment=frontier", f"base={base}", "arm=lora_r1,no_such_arm", "lr_step=0", "seed=0", f"output_root={tmp_path}")
+    assert done.returncode != 0
+    assert "no_such_arm" in done.stderr
+    assert not list(tmp_path.rglob("metrics.json"))  # no job ran
