@@ -33,7 +33,6 @@ def digit_metrics() -> MetricCollection:
     return MetricCollection(
         {
             "acc": MulticlassAccuracy(NUM_CLASSES, average="micro"),
-            "digit_acc": MulticlassAccuracy(NUM_CLASSES, average=None),
             "confmat": MulticlassConfusionMatrix(NUM_CLASSES),
         }
     )
@@ -76,6 +75,7 @@ class Classifier(L.LightningModule):
         self.val_metrics = digit_metrics()
         self.test_metrics = digit_metrics()
         self.test_split = "test"  # what trainer.run_test logs this test as: test, test_base, ...
+        self.test_result: TestResult | None = None  # the last test's, which run_test returns
         self.confusion_figures = confusion_figures  # each test's confusion matrix as a TensorBoard image
 
     @classmethod
@@ -165,21 +165,27 @@ class Classifier(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         # compute() has already summed the confusion matrix over ranks: every rank logs the same.
-        self.log_dict(self.summarise(self.val_metrics.compute(), "val"), sync_dist=True)
+        self.log_dict(self.scalars(self.result(self.val_metrics.compute()), "val"), sync_dist=True)
         self.val_metrics.reset()
 
     def on_test_epoch_end(self) -> None:
+        # Straight to the logger, not through self.log_dict: a test's scalars are read from
+        # test_result, and Lightning's epoch-end bookkeeping of 40 values costs 0.05-0.1 s a test,
+        # a tenth of a frontier job's overhead (docs/benchmarks.md section 14).
         values = self.test_metrics.compute()
-        self.log_dict(self.summarise(values, self.test_split))
+        self.test_result = self.result(values)
+        if self.logger is not None:
+            self.logger.log_metrics(self.scalars(self.test_result, self.test_split), step=self.global_step)
         if self.confusion_figures and not self.test_split.startswith("val"):  # validation's are selection data
             self.log_confusion_figure(values["confmat"], f"{self.test_split}/confusion_matrix")
         self.test_metrics.reset()
 
-    def summarise(self, values: dict[str, torch.Tensor], split: str) -> dict[str, float]:
-        """Scalars to log for one split: accuracy, and errors per digit and per target/other group."""
+    @staticmethod
+    def result(values: dict[str, torch.Tensor]) -> TestResult:
+        """One split's metrics as a TestResult: accuracy, and the wrong and total count per digit."""
         confmat = values["confmat"]
         count = confmat.sum(dim=1)
-        return self.scalars(TestResult(values["acc"].item(), tuple((count - confmat.diagonal()).tolist()), tuple(count.tolist())), split)
+        return TestResult(values["acc"].item(), tuple((count - confmat.diagonal()).tolist()), tuple(count.tolist()))
 
     def scalars(self, result: TestResult, split: str) -> dict[str, float]:
         """``result``'s scalars under ``split``: what a test logs, and what a job logs for a base

@@ -22,7 +22,7 @@ from loralab.errors import ArtifactError, LoralabError
 from loralab.files import atomic_write_bytes, regular_file, short
 from loralab.monitors import measurements
 from loralab.progress import StepProgressBar
-from loralab.results import NUM_CLASSES, TestResult
+from loralab.results import TestResult
 from loralab.trainer_args import trainer_kwargs
 
 
@@ -102,9 +102,9 @@ def run_test(trainer: L.Trainer, module: L.LightningModule, datamodule, split: s
     module.test_split = split
     on_val = split.startswith("val")
     loader = {"dataloaders": datamodule.whole_val_dataloader()} if on_val else {"datamodule": datamodule}
-    logged = trainer.test(module, verbose=False, **loader)[0]
-    wrong = tuple(int(logged[f"{split}/wrong_d{d}"]) for d in range(NUM_CLASSES))
-    return TestResult(acc=logged[f"{split}/acc"], wrong=wrong, count=datamodule.val_counts if on_val else datamodule.test_counts)
+    module.test_result = None
+    trainer.test(module, verbose=False, **loader)
+    return module.test_result
 
 
 def run_overrides(run_dir: Path) -> list[str] | None:

@@ -33,6 +33,8 @@ HINTS = typing.get_type_hints(L.Trainer.__init__)
 # The keys Lightning's accelerator connector parses: checked by construction only, since the dry
 # fit runs on one CPU.
 HARDWARE = set(inspect.signature(_AcceleratorConnector.__init__).parameters) - {"self"}
+# The trainer.* values check_trainer_args has passed in this process, as keys it makes of them.
+_PASSED: set[str] = set()
 QUIET = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False}
 
 
@@ -187,6 +189,9 @@ def check_trainer_args(kwargs: dict, train_batches: int | None = None) -> None:
     is built or inside fit. Writes nothing. ``train_batches``: the run's number of training
     batches, once known (val_check_interval may not exceed it)."""
     _check_keys(kwargs)
+    key = repr((sorted(kwargs.items()), train_batches))
+    if key in _PASSED:  # the same values passed before in this process: a sweep checks them once
+        return
     with _throwaway() as root:
         for attempt in (lambda kw: L.Trainer(**kw | QUIET, default_root_dir=root), lambda kw: _dry_fit(kw, root, train_batches or 10**9)):
             try:
@@ -195,8 +200,9 @@ def check_trainer_args(kwargs: dict, train_batches: int | None = None) -> None:
                 why = _first_line(err)
                 if isinstance(err, ZeroDivisionError):
                     why = "Lightning divides by it inside fit (ZeroDivisionError); use a positive value"
-                key = _culprit(kwargs, attempt, err)
-                if key is None:
+                culprit = _culprit(kwargs, attempt, err)
+                if culprit is None:
                     keys = ", ".join(f"trainer.{k}={v!r}" for k, v in kwargs.items() if k in HARDWARE)
                     raise ConfigError(f"{keys or 'the trainer.* values'} do not work together: {why}") from None
-                raise ConfigError(f"trainer.{key}={kwargs[key]!r} is invalid: {why}") from None
+                raise ConfigError(f"trainer.{culprit}={kwargs[culprit]!r} is invalid: {why}") from None
+    _PASSED.add(key)
