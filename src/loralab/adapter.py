@@ -59,15 +59,17 @@ def adapter_spec(model: nn.Module) -> LoRASpec:
     return specs.pop()
 
 
-def save_adapter(model: nn.Module, directory: str | Path, sizes: list[int], base_sha256: str | None = None) -> dict[str, Path]:
+def save_adapter(model: nn.Module, directory: str | Path, sizes: list[int], base_sha256: str | None = None,
+                 extra_meta: dict[str, str] | None = None) -> dict[str, Path]:
     """``base_sha256``: the base's fingerprint where the caller already holds it (hashing the
-    11 MB base again gives the same value); computed otherwise."""
+    11 MB base again gives the same value); computed otherwise. ``extra_meta``: more metadata
+    for the weights file (a combined adapter's recipe)."""
     spec = adapter_spec(model)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     meta = {"format": "pt", "base_sha256": base_sha256 or fingerprint(model), "model": json.dumps({"sizes": list(sizes)}),
             # PEFT ignores safetensors metadata: the one clean place for what its config cannot say.
-            "loralab_init": spec.init, "loralab_init_rule": INITS[spec.init]}
+            "loralab_init": spec.init, "loralab_init_rule": INITS[spec.init]} | (extra_meta or {})
     tensors = {to_peft_key(name): t for name, t in saved_tensors(model).items()}
     return {
         "adapter": write_safetensors(directory / WEIGHTS_FILE, tensors, meta),
