@@ -11,10 +11,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import ROOT, as_if_trained, assert_one_line_error, script, tree_digest
+from conftest import ROOT, as_if_trained, assert_one_line_error, script, train_py, tree_digest
 from loralab import LoRASpec, inject_lora
 from loralab.adapter import apply_adapter, load_adapter, save_adapter
 from loralab.combine import METHODS, ON_DELTAS, Recipe, combine, read
+from loralab.combine_report import RECIPES
 from loralab.errors import ConfigError
 from loralab.inject import linear_layers, remove_lora
 from loralab.model import MLP
@@ -291,3 +292,20 @@ def test_svd_rank_is_capped_at_the_layer(tmp_path):
     assert spec.rank_of("linear1") == 16 and spec.rank_of("linear3") == 10
     assert gap(loralab_logits(spec, tensors), exact_logits(dirs, [1.0, 1.0])) < EXACT
     assert set(ON_DELTAS) < set(METHODS)
+
+
+def test_combine_experiment_on_a_slice(pretrained, tmp_path):
+    """experiment=combine as users run it, small: three tasks, two lrs, two seeds. Every method's
+    arm is reported for each seed, and d8 + d9 - d8 gives d9's per-digit test results exactly."""
+    done = train_py("-m", "experiment=combine", "lr_step=-1,0", "seed=0,1", f"base={pretrained[1]}", "trainer.max_steps=10",
+                    "data.val_size=1000", "trainer.enable_progress_bar=false", "accelerator=cpu", f"output_root={tmp_path}")
+    assert done.returncode == 0, done.stderr
+    (sweep,) = (tmp_path / "finetune-sweep").iterdir()
+    report = json.loads((sweep / "combine" / "combine.json").read_text())
+    assert report["digits"] == [8, 9] and set(report["lrs"]) == {"d8", "d9", "union"}
+    per_seed = report["per_seed"]
+    expected = {"d8", "d9", "union", "d8 + d9 - d8 cat", *(f"d8 + d9 {m}" for m in RECIPES)}
+    assert set(per_seed) == expected and all(set(by_seed) == {"0", "1"} for by_seed in per_seed.values())
+    assert per_seed["d8 + d9 - d8 cat"] == per_seed["d9"]
+    assert per_seed["d8 + d9 cat"] != per_seed["d9"]
+    assert "| d8 + d9 ties |" in (sweep / "combine" / "combine.md").read_text()

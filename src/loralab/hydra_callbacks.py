@@ -1,4 +1,5 @@
-"""Hydra callbacks: refuse to reuse a finished run dir, and summarise a sweep when it ends."""
+"""Hydra callbacks: refuse to reuse a finished run dir, summarise a sweep when it ends, and
+(experiment=combine) combine its adapters."""
 
 from __future__ import annotations
 
@@ -63,3 +64,18 @@ class SweepSummary(Callback):
         if failed:
             print(f"error: {len(failed)} of {len(rows)} jobs failed: {', '.join(failed)}", file=sys.stderr)
             sys.exit(1)
+
+
+class CombineReport(Callback):
+    """experiment=combine's last step, after SweepSummary: loralab.combine_report."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from loralab.combine_report import write_combine_report  # torch, for this sweep end only
+
+        sweep_dir = Path(config.hydra.sweep.dir)
+        try:
+            report = write_combine_report(sweep_dir)
+        except (LoralabError, ValueError, OSError) as err:
+            print(f"error: no combine report: {err}", file=sys.stderr)
+            sys.exit(1)
+        show(f"\n{report.read_text()}", sweep_dir / SWEEP_LOG)

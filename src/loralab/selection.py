@@ -122,15 +122,28 @@ def arms(runs: list[Run], rule: Selection) -> list[Arm]:
     grouped: dict[str, dict[float, list[Run]]] = {}
     for run in runs:
         grouped.setdefault(arm_key(run), {}).setdefault(lr_of(run), []).append(run)
-    out, names = [], [next(iter(g.values()))[0].label for g in grouped.values()]
-    for (key, by_lr), name in zip(grouped.items(), names):
+    out, names = [], arm_names(grouped)
+    for by_lr, name in zip(grouped.values(), names):
         if len(by_lr) < 2:
             continue
         points = tuple(point(lr, by_lr[lr], rule) for lr in sorted(by_lr))
         # Ties go to the lower lr: the same objective with the smaller step.
         chosen = max(points, key=lambda p: (p.objective.median, -p.lr))
-        out.append(Arm(name if names.count(name) == 1 else f"{name} {key}", points, chosen))
+        out.append(Arm(name, points, chosen))
     return out
+
+
+def arm_names(grouped: dict[str, dict[float, list[Run]]]) -> list[str]:
+    """Each arm's label ("r=4 dora"); arms that share one get the settings that tell them apart
+    ("r=4 data.digits=[8] trainer.max_steps=100")."""
+    labels = [next(iter(g.values()))[0].label for g in grouped.values()]
+    configs = [json.loads(key) for key in grouped]
+    names = []
+    for label, config in zip(labels, configs):
+        twins = [c for c, other in zip(configs, labels) if other == label]
+        differ = [k for k in sorted(config) if any(t.get(k) != config[k] for t in twins)]
+        names.append(" ".join([label, *(f"{k}={json.dumps(config[k])}" for k in differ)]) if len(twins) > 1 else label)
+    return names
 
 
 def table(arm_list: list[Arm], rule: Selection) -> str:
