@@ -28,6 +28,7 @@ DATA_DIR = Path(os.environ.get("LORALAB_DATA_DIR", ROOT / "data")).resolve()
 SMALL = [784, 32, 16, 10]
 EXPENSIVE = [784, 1000, 2000, 10]  # ExpensiveNet, the model every stage trains by default
 ALL_LAYERS = ("linear1", "linear2", "linear3")
+MAX_ERROR_CHARS = 200  # the README's promise: one short line, readable in a terminal
 
 # A fast, real slice: a few batches of real MNIST through the real Trainer.
 SLICE = [
@@ -98,11 +99,13 @@ def tree_digest(root: Path) -> dict:
 
 
 def assert_one_line_error(done: subprocess.CompletedProcess, *fragments: str) -> None:
-    """Non-zero exit, no traceback, exactly one ``error:`` line, holding every fragment."""
+    """Non-zero exit, no traceback, exactly one ``error:`` line of at most MAX_ERROR_CHARS
+    characters, holding every fragment."""
     assert done.returncode != 0, done.stdout
     assert "Traceback" not in done.stderr, done.stderr
     errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, done.stderr
+    assert len(errors[0]) <= MAX_ERROR_CHARS, f"{len(errors[0])} characters: {errors[0]}"
     for fragment in fragments:
         assert fragment in errors[0], errors[0]
 
