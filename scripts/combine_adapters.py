@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from loralab.adapter import apply_adapter, save_adapter
+from loralab.adapter import apply_adapter, check_fits, save_adapter
 from loralab.combine import METHODS, ON_DELTAS, Adapter, Recipe, check_compatible, combine, read
 from loralab.errors import ArtifactError, LoralabError
 from loralab.inject import linear_layers, remove_lora
@@ -68,6 +68,9 @@ def run(base: Path, out: Path, sources: list[Path], recipe: Recipe, sizes: list[
     model, _ = load_base(base / BASE_FILE if base.is_dir() else base, sizes)
     base_sha = fingerprint(model)
     adapters = [read(s) for s in sources]
+    for adapter in adapters:  # targets and shapes against the base, before any product is formed
+        tensors = {f"{layer}.{key}": t for layer, pair in adapter.factors.items() for key, t in zip(("lora_A", "lora_B"), pair)}
+        check_fits(model, adapter.spec, tensors, adapter.source)
     check_compatible(adapters, base_sha)
     spec, tensors = combine(adapters, recipe)
     found = non_finite(tensors)

@@ -224,6 +224,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
         ("two_layers", LoRASpec(rank=2, alpha=2, targets=("linear1", "linear2")), base_model()),
         ("dora", LoRASpec(rank=2, alpha=2, dora=True), base_model()),
         ("other_base", LoRASpec(rank=2, alpha=2), MLP(SIZES)),
+        ("other_sizes", LoRASpec(rank=2, alpha=2), MLP([784, 48, 32, 10])),
     ]:
         inject_lora(model, spec)
         as_if_trained(model, seed=len(made))
@@ -265,7 +266,8 @@ def test_script_writes_a_peft_adapter(files, tmp_path):
     (["r2", "other_base"], [], ["different bases"]),
     (["r2", "r4"], ["--method", "linear"], ["same rank"]),
     (["r2"], ["--method", "ties"], ["density"]),
-], ids=["empty", "weights-count", "non-finite", "layers", "dora", "base", "ranks", "density"])
+    (["other_sizes"], [], ["does not fit the base", "linear1.lora_B has shape (48, 2)"]),
+], ids=["empty", "weights-count", "non-finite", "layers", "dora", "base", "ranks", "density", "shapes"])
 def test_script_refuses_in_one_line(files, tmp_path, inputs, args, fragments):
     out = tmp_path / "combined"
     before = tree_digest(files["base"].parent)
