@@ -76,6 +76,7 @@ SHIPPED = ([[f"model={o}"] for o in options("model")] + [[f"digits={o}", "stage=
            + [[f"lora={o}", "stage=finetune"] for o in options("lora")] + [[f"variant={o}", "stage=finetune"] for o in options("variant")]
            + [[f"rank={o}", "stage=finetune"] for o in options("rank")] + [[f"alpha={o}", "stage=finetune"] for o in options("alpha")]
            + [[f"arm={o}", "stage=finetune", f"lr_step={step}"] for o in options("arm") for step in (-2, 2)]
+           + [[f"task={o}", "stage=finetune"] for o in options("task")]
            + [[f"accelerator={o}"] for o in options("accelerator") if o != "gpu"] + [[f"stage={o}"] for o in options("stage")]
            + [[f"experiment={o}"] for o in options("experiment") if o != "optuna"])
 
@@ -232,3 +233,10 @@ def test_trainer_check_leaves_the_process_as_it_was(tmp_path):
     with pytest.raises(ConfigError, match="trainer.val_check_interval=25 is invalid"):
         check_trainer_args(kwargs, train_batches=5)
     check_trainer_args(kwargs, train_batches=50)
+
+
+@pytest.mark.parametrize("task, digits, steps", [("d8", [8], 100), ("d9", [9], 100), ("union", [8, 9], 200)])
+def test_a_task_sets_its_digits_and_budget(tmp_path, task, digits, steps):
+    """experiment=combine's tasks: the union gets the single-digit adapters' steps together."""
+    job = load(["experiment=combine", f"task={task}", "lr_step=0"], tmp_path)
+    assert list(job.settings.data.digits) == digits and job.settings.trainer["max_steps"] == steps

@@ -76,6 +76,8 @@ def _describe(hint) -> str:
     args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
     literals = [repr(v) for a in args if typing.get_origin(a) is typing.Literal for v in typing.get_args(a)]
     names = [getattr(a, "__name__", str(a).replace("typing.", "")) for a in args if typing.get_origin(a) is not typing.Literal]
+    if len(literals) > 6:  # precision's 15: its "<bits>-true|mixed" spellings, and where the rest are
+        literals = [v for v in literals if v.endswith(("-true'", "-mixed'"))][:6] + ["... (all: help(lightning.Trainer))"]
     words = literals + ["None" if n == "NoneType" else n for n in names]
     return ("one of " if literals else "") + (", ".join(words[:-1]) + " or " + words[-1] if len(words) > 1 else words[0])
 
@@ -107,7 +109,10 @@ def _throwaway():
 
 
 def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0].strip()
+    """The error's first sentence: Lightning's messages go on with advice for its own API that
+    would push the line past 200 characters."""
+    line = (str(err).strip().splitlines() or [type(err).__name__])[0].strip()
+    return line.split(". ")[0].rstrip(".")
 
 
 class _Dry(L.LightningModule):
