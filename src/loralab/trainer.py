@@ -103,7 +103,11 @@ def run_test(trainer: L.Trainer, module: L.LightningModule, datamodule, split: s
     on_val = split.startswith("val")
     loader = {"dataloaders": datamodule.whole_val_dataloader()} if on_val else {"datamodule": datamodule}
     module.test_result = None
-    trainer.test(module, verbose=False, **loader)
+    # A test draws from the global RNG (each DataLoader iterator takes a base seed): forked, so
+    # that training after it draws the same numbers whether or not a test ran first (the base's
+    # results are computed by a process's first job only, loralab.methods.base_result).
+    with torch.random.fork_rng(devices=[]):
+        trainer.test(module, verbose=False, **loader)
     return module.test_result
 
 
@@ -151,8 +155,11 @@ def resume_checkpoint(job: Job) -> Path | None:
         changed = sorted(k for k in before.keys() | now.keys() if k not in INCIDENTAL and before.get(k) != now.get(k))
         if changed:
             first = changed[0]
-            raise ArtifactError(f"resume={run_dir} ran with {first}={before.get(first)!r}, not {now.get(first)!r}"
-                                f"{f' (and {len(changed) - 1} more)' if len(changed) > 1 else ''}; resume with: {resume_command(run_dir)}")
+            # The full resume command would run past one short line; the run's own overrides are
+            # in its .hydra/overrides.yaml, and a Ctrl-C prints the command.
+            raise ArtifactError(f"resume={short(run_dir)} ran with {first}={before.get(first)!r}, not {now.get(first)!r}"
+                                f"{f' (and {len(changed) - 1} more)' if len(changed) > 1 else ''}; "
+                                "resume with the run's own values (its .hydra/overrides.yaml)")
     try:
         checkpoint = torch.load(regular_file(ckpt, "checkpoint"), map_location="cpu", weights_only=True)
     except LoralabError:
