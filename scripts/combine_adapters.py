@@ -29,6 +29,7 @@ import torch
 from loralab.adapter import apply_adapter, check_fits, save_adapter
 from loralab.combine import METHODS, ON_DELTAS, Adapter, Recipe, check_compatible, combine, read
 from loralab.errors import ArtifactError, LoralabError
+from loralab.files import short
 from loralab.inject import linear_layers, remove_lora
 from loralab.runs import BASE_FILE
 from loralab.weights import fingerprint, load_base, non_finite
@@ -62,9 +63,9 @@ def svd_is_exact(adapters: list[Adapter], spec) -> bool:
 def run(base: Path, out: Path, sources: list[Path], recipe: Recipe, sizes: list[int]) -> tuple[float, int]:
     """Write the combined adapter to ``out``; return its gap to the exact sum and its largest rank."""
     if out.exists():
-        raise LoralabError(f"{out} already exists; choose another output directory")
+        raise LoralabError(f"{short(out)} already exists; choose another output directory")
     if not out.parent.is_dir():
-        raise LoralabError(f"{out.parent} does not exist; create it, or choose another output directory")
+        raise LoralabError(f"{short(out.parent)} does not exist; create it, or choose another output directory")
     model, _ = load_base(base / BASE_FILE if base.is_dir() else base, sizes)
     base_sha = fingerprint(model)
     adapters = [read(s) for s in sources]

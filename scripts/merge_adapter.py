@@ -19,6 +19,7 @@ import torch
 
 from loralab import load_adapter, remove_lora
 from loralab.errors import ArtifactError, LoralabError
+from loralab.files import short
 from loralab.runs import BASE_FILE
 from loralab.weights import load_base, non_finite, save_base
 
@@ -28,9 +29,9 @@ TOLERANCE = 1e-5
 def merge(base: Path, adapter: Path, out: Path, sizes: list[int], name: str) -> float:
     """Write the merged model; return the largest logit difference against base + adapter."""
     if out.exists():
-        raise LoralabError(f"{out} already exists; choose another output path")
+        raise LoralabError(f"{short(out)} already exists; choose another output path")
     if not out.parent.is_dir():
-        raise LoralabError(f"{out.parent} does not exist; create it, or choose another output path")
+        raise LoralabError(f"{short(out.parent)} does not exist; create it, or choose another output path")
     model, _ = load_base(base / BASE_FILE if base.is_dir() else base, sizes)
     load_adapter(model, adapter)
     model.eval()  # the adapter's dropout off: the probe compares the merged function, not one draw of it
@@ -41,7 +42,7 @@ def merge(base: Path, adapter: Path, out: Path, sizes: list[int], name: str) -> 
         # Finite base and adapter can still overflow float32 once multiplied and added.
         found = non_finite(plain.state_dict())
         if found:
-            raise ArtifactError(f"merging {adapter} into {base} gives non-finite weights in {found}; nothing written: the adapter's update overflows, use another adapter")
+            raise ArtifactError(f"merging {short(adapter)} overflows float32: {found} non-finite; nothing written, use another adapter")
         gap = (plain(probe) - expected).abs().max().item()
     if gap > TOLERANCE:
         raise RuntimeError(f"merged logits differ from base + adapter by {gap:.2e} (> {TOLERANCE})")

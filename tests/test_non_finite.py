@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 from conftest import ROOT, SLICE, assert_one_line_error, script, train_py, tree_digest
 from loralab.adapter import WEIGHTS_FILE, AdapterSet, load_adapter
 from loralab.errors import ArtifactError
+from loralab.files import short
 from loralab.weights import load_base
 
 SIZES = [784, 1000, 2000, 10]
@@ -43,7 +44,7 @@ def test_eval_refuses_an_adapter_holding_nan(finetuned, pretrained, tmp_path):
     bad = adapter_copy(finetuned, tmp_path / "nan-adapter", {LORA_B: with_value(float("nan"))})
     before = tree_digest(tmp_path)
     done = train_py("stage=eval", f"base={pretrained[1]}", f"eval.adapters=['{bad}']", f"output_root={tmp_path / 'out'}")
-    assert_one_line_error(done, str(bad / WEIGHTS_FILE), repr(LORA_B), "1 NaN")
+    assert_one_line_error(done, short(bad / WEIGHTS_FILE), repr(LORA_B), "1 NaN")
     assert done.returncode == 2 and "accuracy" not in done.stdout
     assert tree_digest(tmp_path) == before  # no run dir, the adapter untouched
     model, _ = load_base(pretrained[1] / "base.safetensors", SIZES)
@@ -58,7 +59,7 @@ def test_finetune_refuses_a_base_holding_inf(pretrained, tmp_path):
     rewrite(pretrained[1] / "base.safetensors", bad, {"linear2.weight": with_value(float("inf"))})
     before = tree_digest(tmp_path)
     done = train_py("stage=finetune", f"base={bad}", *SLICE, "trainer.max_steps=2", f"output_root={tmp_path / 'out'}")
-    assert_one_line_error(done, str(bad), "'linear2.weight'", "1 inf")
+    assert_one_line_error(done, short(bad), "'linear2.weight'", "1 inf")
     assert done.returncode == 2
     assert tree_digest(tmp_path) == before
 
@@ -68,7 +69,7 @@ def test_merge_refuses_non_finite_weights(finetuned, pretrained, tmp_path):
     huge = adapter_copy(finetuned, tmp_path / "huge", {k: (lambda t: torch.full_like(t, 1e20)) for k in (LORA_B, LORA_B.replace("lora_B", "lora_A"))})
     nan = adapter_copy(finetuned, tmp_path / "nan", {LORA_B: with_value(float("nan"))})
     out = tmp_path / "merged.safetensors"
-    for adapter, fragments in [(huge, ["gives non-finite weights in tensor 'linear2.weight'", "nothing written"]), (nan, [str(nan / WEIGHTS_FILE), repr(LORA_B)])]:
+    for adapter, fragments in [(huge, ["overflows float32: tensor 'linear2.weight'", "nothing written"]), (nan, [short(nan / WEIGHTS_FILE), repr(LORA_B)])]:
         before = tree_digest(tmp_path)
         done = script(ROOT / "scripts" / "merge_adapter.py", pretrained[1], adapter, out)
         assert_one_line_error(done, *fragments)

@@ -89,10 +89,10 @@ def read_adapter_config(directory: Path) -> dict:
         raise ArtifactError(f"{short(path)} is not valid JSON ({str(err)[:60]}); restore it or save the adapter again") from None
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
         found = config.get("peft_type") if isinstance(config, dict) else type(config).__name__
-        raise ArtifactError(f"{path} has peft_type {found!r}; only LoRA adapters (peft_type \"LORA\") are supported")
+        raise ArtifactError(f"{short(path)} has peft_type {found!r}; only LoRA adapters (peft_type \"LORA\") are supported")
     for key in ("r", "lora_alpha", "target_modules"):
         if key not in config:
-            raise ArtifactError(f"{path} lacks {key!r}; it is not a complete LoRA adapter config")
+            raise ArtifactError(f"{short(path)} lacks {key!r}; it is not a complete LoRA adapter config")
     return config
 
 

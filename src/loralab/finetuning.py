@@ -18,6 +18,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from loralab.errors import ArtifactError
+from loralab.files import short
 from loralab.inject import count_parameters, inject_lora, lora_disabled, lora_layers, mark_only_lora_trainable
 from loralab.lora import is_lora_name
 from loralab.model import MLP
@@ -45,7 +46,7 @@ def checkpoint_model(checkpoint: dict, base: str | Path | None = None) -> nn.Mod
         return MLP(sizes)
     base = Path(base or checkpoint["base"])
     if not base.exists():
-        raise ArtifactError(f"the checkpoint adapts {base}, which does not exist; "
+        raise ArtifactError(f"the checkpoint adapts {short(base)}, which does not exist; "
                             "pass base=<pretrain run>/base.safetensors to load_from_checkpoint")
     model, _ = load_base(base, sizes)
     return adapt(model, LoRASpec(**checkpoint["lora"]))

@@ -74,7 +74,7 @@ def read_run(directory: str | Path) -> Run:
     try:
         metrics = json.loads(regular_file(path, METRICS_FILE, limit=MAX_METRICS_BYTES).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ArtifactError(f"{path} is not readable JSON ({err}); the run did not finish cleanly") from None
+        raise ArtifactError(f"{short(path)} is not readable JSON ({str(err)[:60]}); the run did not finish cleanly") from None
     if not isinstance(metrics, dict) or "test" not in metrics:
         raise ArtifactError(f"{short(path)} is not a loralab metrics file (no 'test' result)")
     for key in ("test", "test_base", "val", "val_base"):
@@ -121,7 +121,7 @@ def finished_runs(path: str | Path) -> list[Run]:
         return [read_run(path)]
     runs = [read_run(directory) for directory in sorted((p.parent for p in path.glob(f"*/{METRICS_FILE}")), key=job_order)]
     if not runs:
-        raise ArtifactError(f"no {METRICS_FILE} in {path} or its job directories; pass a run or sweep dir")
+        raise ArtifactError(f"no {METRICS_FILE} in {short(path)} or its job directories; pass a run or sweep dir")
     return runs
 
 
@@ -132,7 +132,7 @@ def resolve_base(base: str | None, output_root: str | Path, sizes: list[int]) ->
         if path.is_dir():
             path = path / BASE_FILE
             if not path.exists():
-                raise ArtifactError(f"base={base} is a directory with no {BASE_FILE}; pass a pretrain run dir or a .safetensors file")
+                raise ArtifactError(f"base={short(base)} is a directory with no {BASE_FILE}; pass a pretrain run dir or a .safetensors file")
         elif not path.exists():
             raise ArtifactError(f"base={short(base)} does not exist; pass a pretrain run dir or a .safetensors file")
         return regular_file(path, "base file")  # /dev/zero or a FIFO would be read for ever
@@ -156,7 +156,7 @@ def resolve_base(base: str | None, output_root: str | Path, sizes: list[int]) ->
 def worst_digits(base_path: Path, k: int) -> list[int]:
     """digits=auto: the k digits with the highest error rate in the base's own metrics.json."""
     if not (base_path.parent / METRICS_FILE).exists():
-        raise ArtifactError(f"digits=auto needs the base's {METRICS_FILE}, not found beside {base_path}; name the digits instead (data.digits=[...])")
+        raise ArtifactError(f"digits=auto needs the base's {METRICS_FILE}, not found beside {short(base_path)}; name the digits instead (data.digits=[...])")
     test = read_run(base_path.parent).test
     rates = [w / c for w, c in zip(test.wrong, test.count)]
     return sorted(sorted(range(10), key=lambda d: -rates[d])[:k])

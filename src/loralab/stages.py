@@ -23,7 +23,7 @@ from loralab.config import EvalSettings, FinetuneSettings, Job, PretrainSettings
 from loralab.dashboard import add_forgetting_chart, hp_results, log_hparams
 from loralab.data import MNISTDataModule
 from loralab.errors import ArtifactError, DataError
-from loralab.files import write_json
+from loralab.files import short, write_json
 from loralab.inject import count_parameters, lora_disabled, merge_lora, unmerge_lora
 from loralab.methods import base_result, make_method
 from loralab.model import MLP
@@ -197,7 +197,7 @@ def check_base_file(base_path: Path, file_sha: str, meta: dict, weights_sha: str
         log.warning("%s records weights sha256 %s but holds %s: the file was changed after pretraining",
                     base_path, meta["weights_sha256"][:12], weights_sha[:12])
     if file_sha256(base_path) != file_sha:
-        raise ArtifactError(f"{base_path} changed on disk during this run; something else is writing to it")
+        raise ArtifactError(f"{short(base_path)} changed on disk during this run; something else is writing to it")
 
 
 def evaluate(job: Job, run_dir: Path) -> dict:

@@ -139,7 +139,7 @@ def resume_checkpoint(job: Job) -> Path | None:
     run_dir = Path(job.settings.resume)
     ckpt = checkpoint_file(run_dir)
     if not ckpt.exists():
-        raise ArtifactError(f"resume={run_dir} has no checkpoints/last.ckpt; pass the run dir of an interrupted run")
+        raise ArtifactError(f"resume={short(run_dir)} has no checkpoints/last.ckpt; pass the run dir of an interrupted run")
     saved = run_dir / ".hydra" / "config.yaml"
     if saved.exists():
         try:

@@ -64,7 +64,7 @@ def non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
         # 2000x1000 weight, 0.2 ms here against isfinite(t).all()'s 15 ms.
         if t.is_floating_point() and t.numel() and not all(torch.isfinite(v) for v in torch.aminmax(t)):
             nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
-            return f"tensor {name!r} ({nan} NaN and {inf} inf of {t.numel()} values)"
+            return f"tensor {name!r} ({nan} NaN, {inf} inf of {t.numel()})"
     return None
 
 
@@ -82,7 +82,7 @@ def read_safetensors(path: Path, what: str) -> tuple[dict[str, torch.Tensor], di
         raise ArtifactError(f"{short(path)} holds {tensors[wrong].dtype} tensor {wrong!r}; a {what} holds floating-point weights")
     found = non_finite(tensors)
     if found:
-        raise ArtifactError(f"{path} holds non-finite values in {found}; it is damaged or from a diverged run: pass another {what}, or train it again")
+        raise ArtifactError(f"{short(path)} holds non-finite values in {found}: pass another {what}, or train it again")
     return tensors, meta
 
 
