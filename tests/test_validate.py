@@ -77,6 +77,7 @@ SHIPPED = ([[f"model={o}"] for o in options("model")] + [[f"digits={o}", "stage=
            + [[f"rank={o}", "stage=finetune"] for o in options("rank")] + [[f"alpha={o}", "stage=finetune"] for o in options("alpha")]
            + [[f"arm={o}", "stage=finetune", f"lr_step={step}"] for o in options("arm") for step in (-2, 2)]
            + [[f"task={o}", "stage=finetune"] for o in options("task")]
+           + [[f"quant={o}", f"stage={stage}"] for o in options("quant") for stage in ("finetune", "eval")]
            + [[f"accelerator={o}"] for o in options("accelerator") if o != "gpu"] + [[f"stage={o}"] for o in options("stage")]
            + [[f"experiment={o}"] for o in options("experiment") if o != "optuna"])
 

@@ -146,9 +146,14 @@ def layout(spec: LoRASpec) -> tuple:
     return targets, spec.rank, spec.alpha, spec.rslora, spec.dora, spec.dropout, patterns
 
 
-def warn_if_other_base(meta: dict, base_sha256: str, source: str) -> None:
+def warn_if_other_base(meta: dict, base_sha256: str, source: str, quant: str = "none") -> None:
+    """``base_sha256``: the fp32 weights' fingerprint; ``quant``: how the base is held now."""
     if meta.get("base_sha256") and meta["base_sha256"] != base_sha256:
         log.warning("adapter in %s was trained on another base (sha256 %s…); loading it anyway", source, meta["base_sha256"][:12])
+    trained_on = meta.get("loralab_quant", "none")
+    if trained_on != quant:
+        # QLoRA's mismatch: the adapter learnt to correct another rounding of the same weights.
+        log.warning("adapter in %s was trained on the base stored as %s, and is applied to it stored as %s", source, trained_on, quant)
 
 
 def load_adapter(model: nn.Module, directory: str | Path) -> dict:
@@ -172,9 +177,11 @@ class AdapterSet:
     targets, rank, alpha, scaling, DoRA or dropout).
     """
 
-    def __init__(self, model: nn.Module):
-        self.model = model
-        self.base_sha256 = fingerprint(model)
+    def __init__(self, model: nn.Module, base_sha256: str | None = None, quant: str = "none"):
+        """``base_sha256``: the fp32 weights' fingerprint where the caller holds it (for a
+        quantized base it cannot be computed from the model); ``quant``: how the base is held."""
+        self.model, self.quant = model, quant
+        self.base_sha256 = base_sha256 or fingerprint(model)
         self.adapters: dict[str, tuple[LoRASpec, dict, str]] = {}  # name -> (spec, tensors, source)
         self.active: str | None = None
         self._injected: LoRASpec | None = None  # the spec of the adapters now wrapped in the model
@@ -187,7 +194,7 @@ class AdapterSet:
         config, state, meta = read_adapter(directory)
         spec = read_spec(config, meta, str(directory))
         check_fits(self.model, spec, state, str(directory))
-        warn_if_other_base(meta, self.base_sha256, str(directory))
+        warn_if_other_base(meta, self.base_sha256, str(directory), self.quant)
         self.adapters[name] = (spec, state, str(directory))
 
     def use(self, name: str | None) -> None:

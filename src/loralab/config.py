@@ -123,6 +123,41 @@ class EvalConfig(Checked):
     merge: bool = setting(False, Rule(bool))  # merge each adapter into the weights before testing it
 
 
+# QLoRA's NF4 blocks (Dettmers et al., 2023, section 3): 64 weights share one absmax constant, and
+# 256 of those constants share one second-level constant (double quantization).
+NF4_BLOCK, NF4_SCALER_BLOCK = 64, 256
+# A layer that 64 does not divide gets the largest even block that does, down to this: a block of
+# 16 already spends half a bit per weight on its 8-bit constant, an eighth of the 4-bit code.
+MIN_BLOCK = 16
+
+
+def largest_divisor(n: int, low: int, high: int, even: bool = False) -> int | None:
+    return next((b for b in range(high, low - 1, -1) if n % b == 0 and not (even and b % 2)), None)
+
+
+@dataclass(frozen=True)
+class QuantConfig(Checked):
+    """How the frozen base is stored while it is fine-tuned or evaluated: ``none`` keeps its fp32
+    weights; ``nf4`` stores every Linear weight in 4-bit NormalFloat (loralab.quant), the biases in fp32."""
+
+    KEY: ClassVar[str] = "quant"
+    format: str = setting("none", Rule(str, choices=("none", "nf4")))
+
+    def blocks(self, shapes: dict[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
+        """Each layer's (block, scaler block): QLoRA's 64 and 256, or the largest that divide the
+        layer's weights (an even block: two 4-bit codes share a byte) and its number of blocks."""
+        if self.format == "none":
+            return {}
+        found = {}
+        for name, (n_in, n_out) in shapes.items():
+            block = largest_divisor(n_in * n_out, MIN_BLOCK, NF4_BLOCK, even=True)
+            if block is None:
+                raise ConfigError(f"quant=nf4 needs an even block of {MIN_BLOCK}-{NF4_BLOCK} weights dividing {name}'s {n_in}x{n_out}, "
+                                  "and none does; use quant=none, or other model.sizes")
+            found[name] = (block, largest_divisor(n_in * n_out // block, 1, NF4_SCALER_BLOCK))
+        return found
+
+
 @dataclass(frozen=True)
 class Settings(Checked):
     """What every stage reads. A stage's root class adds its own nodes."""
@@ -163,6 +198,7 @@ class FinetuneSettings(Settings):
     optim: FinetuneOptim = setting(factory=FinetuneOptim)
     finetune: FinetuneConfig = setting(factory=FinetuneConfig)
     lora: LoRASpec = setting(factory=LoRASpec)  # read by method=lora; checked for a full fine-tune too: a typo is a typo
+    quant: QuantConfig = setting(factory=QuantConfig)  # the frozen base's storage (quant=nf4: QLoRA's)
     base: str | None = None  # a pretrain run dir or base.safetensors; null: the newest pretrain run
     resume: str | None = None
     # A point of an arm's lr grid (conf/arm/): lr = 10^(the arm's exponent + lr_step / 2). Read by
@@ -184,6 +220,15 @@ class FinetuneSettings(Settings):
             raise invalid("optim.loraplus_ratio", self.optim.loraplus_ratio,
                           "LoRA+ sets the adapters' B learning rate; a full fine-tune has none (leave it null)")
         shapes = layer_shapes(self.model.sizes)
+        self.quant.blocks(shapes)
+        if self.quant.format != "none":
+            # A 4-bit code cannot hold a trained or rewritten weight: QLoRA trains adapters only.
+            if self.finetune.method == "full":
+                raise invalid("finetune.method", "full", f"a full fine-tune trains the base weights, which quant={self.quant.format} stores "
+                              "frozen in 4 bits; use quant=none, or finetune.method=lora")
+            if self.lora.init == "pissa":
+                raise invalid("lora.init", "pissa", f"PiSSA rewrites the base to W - BA, which quant={self.quant.format} cannot store "
+                              "exactly (PEFT refuses it too); use quant=none")
         try:
             names = match_targets(shapes, self.lora.targets)
         except ValueError as err:
@@ -215,6 +260,14 @@ class EvalSettings(Settings):
     stage: StageConfig = setting(factory=lambda: StageConfig("eval"))
     eval: EvalConfig = setting(factory=EvalConfig)
     base: str | None = None
+    quant: QuantConfig = setting(factory=QuantConfig)
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.quant.blocks(layer_shapes(self.model.sizes))
+        if self.eval.merge and self.quant.format != "none":
+            raise invalid("eval.merge", "true", f"merging adds each adapter to the base weights, which quant={self.quant.format} stores "
+                          "in 4 bits; test it unmerged, or use quant=none")
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import lightning as L
 from torch import nn
 from torchmetrics.classification import MulticlassConfusionMatrix
 
+from loralab.config import QuantConfig
 from loralab.errors import ArtifactError
 from loralab.files import short
 from loralab.inject import count_parameters, inject_lora, lora_disabled, lora_layers, mark_only_lora_trainable
@@ -24,7 +25,7 @@ from loralab.lora import is_lora_name
 from loralab.model import MLP
 from loralab.results import NUM_CLASSES
 from loralab.spec import LoRASpec
-from loralab.weights import load_base
+from loralab.weights import hold_base
 
 
 def adapt(model: nn.Module, spec: LoRASpec) -> nn.Module:
@@ -48,7 +49,7 @@ def checkpoint_model(checkpoint: dict, base: str | Path | None = None) -> nn.Mod
     if not base.exists():
         raise ArtifactError(f"the checkpoint adapts {short(base)}, which does not exist; "
                             "pass base=<pretrain run>/base.safetensors to load_from_checkpoint")
-    model, _ = load_base(base, sizes)
+    model, _, _ = hold_base(base, sizes, QuantConfig(checkpoint.get("quant", "none")))
     return adapt(model, LoRASpec(**checkpoint["lora"]))
 
 
@@ -60,8 +61,8 @@ class LoRAFinetuning(L.Callback):
     digits' errors fixed (``val/target_gain``) and the other digits' errors caused
     (``val/forgetting``); the module logs the errors themselves (``val/err_target``, ...)."""
 
-    def __init__(self, spec: LoRASpec, base_path: Path, base_sha256: str):
-        self.spec, self.base_path, self.base_sha256 = spec, Path(base_path).resolve(), base_sha256
+    def __init__(self, spec: LoRASpec, base_path: Path, base_sha256: str, quant: str = "none"):
+        self.spec, self.base_path, self.base_sha256, self.quant = spec, Path(base_path).resolve(), base_sha256, quant
         self.base_wrong: list[int] | None = None  # the base's wrong count per digit on the validation set
         self.base_confmat: MulticlassConfusionMatrix | None = None
 
@@ -110,4 +111,4 @@ class LoRAFinetuning(L.Callback):
         """The adapter, and the base it adapts by path and fingerprint instead of another copy of
         it (kilobytes, not 11 MB)."""
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if is_lora_name(k)}
-        checkpoint |= {"lora": dataclasses.asdict(self.spec), "base": str(self.base_path), "base_sha256": self.base_sha256}
+        checkpoint |= {"lora": dataclasses.asdict(self.spec), "base": str(self.base_path), "base_sha256": self.base_sha256, "quant": self.quant}

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from loralab.quant import is_quantized
 from loralab.spec import LoRASpec, variant_flags
 from loralab.variants import compose
 
@@ -75,6 +76,8 @@ class LoRALinear(nn.Module):
             return
         if not self.enabled:
             raise RuntimeError("cannot merge a disabled adapter; enable it first")
+        if is_quantized(self.base_layer.weight):
+            raise RuntimeError("cannot merge into a 4-bit base weight, which cannot hold W + ΔW; merge into the fp32 base")
         self.output.merge(self, self.base_layer.weight)
         self.merged = True
 

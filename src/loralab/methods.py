@@ -17,7 +17,7 @@ from loralab.finetuning import LoRAFinetuning
 from loralab.results import TestResult
 from loralab.runs import FULL_FILE
 from loralab.spec import LoRASpec, variant_flags
-from loralab.weights import fingerprint, save_base
+from loralab.weights import HeldBase, fingerprint, save_base
 
 Test = Callable[[str], TestResult]  # runs the test set (or, for a "val..." split, validation), logged under the split
 
@@ -56,10 +56,10 @@ def base_comparison(before: str, after: str | None) -> dict:
 class LoRAMethod:
     name = "lora"
 
-    def __init__(self, spec: LoRASpec, model: nn.Module, base_path: Path):
-        self.spec = spec
-        self.base_sha256 = fingerprint(model)
-        self.callback = LoRAFinetuning(spec, base_path, self.base_sha256)
+    def __init__(self, spec: LoRASpec, held: HeldBase, base_path: Path):
+        self.spec, self.held = spec, held
+        self.base_sha256 = held.sha256
+        self.callback = LoRAFinetuning(spec, base_path, self.base_sha256, held.format)
         self.frozen_base = None  # distillation's base is the model with its adapters off
 
     def callbacks(self) -> list:
@@ -79,7 +79,10 @@ class LoRAMethod:
         return comparison
 
     def save(self, model: nn.Module, run_dir: Path, cfg: FinetuneSettings) -> dict[str, Path]:
-        return save_adapter(model, run_dir, list(cfg.model.sizes), self.base_sha256)  # compare_base has confirmed it
+        # The adapter records the fp32 weights as its base (the file users apply it to; compare_base
+        # has confirmed them unchanged), and a quantized base's format beside them.
+        quant = {"loralab_quant": self.held.format} if self.held.blocks else {}
+        return save_adapter(model, run_dir, list(cfg.model.sizes), self.held.weights_sha256, quant)
 
     def summary(self) -> dict:
         return self.spec.to_dict()
@@ -92,8 +95,8 @@ class LoRAMethod:
 class FullMethod:
     name = "full"
 
-    def __init__(self, model: nn.Module, distill: float):
-        self.base_sha256 = fingerprint(model)
+    def __init__(self, model: nn.Module, held: HeldBase, distill: float):
+        self.base_sha256 = held.sha256
         # Training the base itself: distillation needs a frozen copy of where it started.
         self.frozen_base = copy.deepcopy(model).requires_grad_(False) if distill else None
 
@@ -117,5 +120,5 @@ class FullMethod:
         return "full fine-tune"
 
 
-def make_method(cfg: FinetuneSettings, model: nn.Module, base_path: Path) -> LoRAMethod | FullMethod:
-    return LoRAMethod(cfg.adapter, model, base_path) if cfg.adapter is not None else FullMethod(model, cfg.finetune.distill)
+def make_method(cfg: FinetuneSettings, model: nn.Module, held: HeldBase, base_path: Path) -> LoRAMethod | FullMethod:
+    return LoRAMethod(cfg.adapter, held, base_path) if cfg.adapter is not None else FullMethod(model, held, cfg.finetune.distill)

@@ -29,12 +29,13 @@ from loralab.methods import base_result, make_method
 from loralab.model import MLP
 from loralab.modelcard import AdapterCard, write_card
 from loralab.monitors import monitors
+from loralab.quant import peak_rss_bytes
 from loralab.report import digit_table, show
 from loralab.results import Shift, TestResult
 from loralab.runs import BASE_FILE, METRICS_FILE, resolve_base, worst_digits
 from loralab.trainer import fit, last_checkpoint, make_trainer, resume_checkpoint, run_command, run_test, tester
 from loralab.trainer_args import check_trainer_args, trainer_kwargs
-from loralab.weights import file_sha256, load_base, save_base
+from loralab.weights import file_sha256, hold_base, save_base
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,7 @@ def run_metrics(cfg: Settings, model: nn.Module, digits: list[int]) -> dict:
         "digits": digits,
         "seed": cfg.seed,
         "params": count_parameters(model),
+        "peak_rss_bytes": peak_rss_bytes(),  # the whole process's, so far
     }
 
 
@@ -125,11 +127,11 @@ def finetune(job: Job, run_dir: Path) -> dict:
     base_path = resolve_base(cfg.base, cfg.output_root, list(cfg.model.sizes))
     digits = list(cfg.data.digits) if cfg.data.digits else worst_digits(base_path, cfg.data.auto_k)
     base_file_sha = file_sha256(base_path)
-    model, base_meta = load_base(base_path, list(cfg.model.sizes))
+    model, base_meta, held = hold_base(base_path, list(cfg.model.sizes), cfg.quant)
     log.info("fine-tuning base %s on digits %s", base_path, digits)
     datamodule = make_datamodule(cfg, digits)
     check_batches(cfg, datamodule)
-    method = make_method(cfg, model, base_path)
+    method = make_method(cfg, model, held, base_path)
     module = Classifier(model, lr=cfg.optim.lr, target_digits=digits, scheduler=cfg.optim.scheduler, distill=cfg.finetune.distill,
                         frozen_base=method.frozen_base, loraplus_ratio=cfg.optim.loraplus_ratio, confusion_figures=cfg.confusion_figures)
     ckpt = resume_checkpoint(job)
@@ -149,7 +151,7 @@ def finetune(job: Job, run_dir: Path) -> dict:
     result = test("test")
     test_s = time.perf_counter() - start
     val = test("val_final")  # what an lr is selected on (loralab.selection), never the test
-    check_base_file(base_path, base_file_sha, base_meta, method.base_sha256)
+    check_base_file(base_path, base_file_sha, base_meta, held.weights_sha256)
     artifacts = method.save(model, run_dir, cfg)
     shift = Shift.between(test_base, result, digits)
     metrics = run_metrics(cfg, model, digits) | {
@@ -165,6 +167,7 @@ def finetune(job: Job, run_dir: Path) -> dict:
         "base": str(base_path),
         "base_sha256": method.base_sha256,
         "base_file_sha256": base_file_sha,
+        "quant": held.to_json(),
         **base_comparison,
         "optimizer_state_bytes": fitted.optimizer_state_bytes,
         "artifact_bytes": sum(Path(p).stat().st_size for p in artifacts.values()),
@@ -173,8 +176,13 @@ def finetune(job: Job, run_dir: Path) -> dict:
         | model_card(cfg, run_dir, base_path, base_file_sha, method.base_sha256, digits, test_base, result),
     }
     log_hparams(trainer, job, digits, method.summary(), hp_results(result, shift))
-    show(f"\n{method.describe()} on digits {digits}, test set, base -> fine-tuned:\n{digit_table(result, before=test_base, digits=digits)}")
+    show(f"\n{method.describe()}{held_note(held)} on digits {digits}, test set, base -> fine-tuned:\n{digit_table(result, before=test_base, digits=digits)}")
     return metrics
+
+
+def held_note(held) -> str:
+    """How a quantized base is held, as the run's summary says it; nothing for fp32."""
+    return f", base in {held.format.upper()} ({held.held_bytes / 1e6:.2f} MB, fp32 {held.fp32_bytes / 1e6:.2f} MB)" if held.blocks else ""
 
 
 def log_result(trainer: L.Trainer, module: Classifier, result: TestResult, split: str) -> None:
@@ -206,9 +214,9 @@ def evaluate(job: Job, run_dir: Path) -> dict:
     digits = list(cfg.data.digits)
     base_path = resolve_base(cfg.base, cfg.output_root, list(cfg.model.sizes))
     start = time.perf_counter()
-    model, _ = load_base(base_path, list(cfg.model.sizes))
+    model, _, held = hold_base(base_path, list(cfg.model.sizes), cfg.quant)
     load_s = time.perf_counter() - start
-    adapters = AdapterSet(model)
+    adapters = AdapterSet(model, held.weights_sha256, held.format)
     for directory in cfg.eval.adapters:  # read them all before testing anything
         name = Path(directory).name
         adapters.add(name if name not in adapters.adapters else f"{name}-{len(adapters.adapters)}", directory)
@@ -234,6 +242,7 @@ def evaluate(job: Job, run_dir: Path) -> dict:
     return run_metrics(cfg, model, digits) | {
         "test": base_result.to_json(),
         "base": str(base_path),
+        "quant": held.to_json(),
         "adapters": results,
         "seconds": {"fit": 0.0, "test": test_s, "base_load": load_s, "adapter_switch": statistics.median(switch_s) if switch_s else None},
         "artifacts": {"tensorboard": str(run_dir)},

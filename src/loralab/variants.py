@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loralab.quant import dense
 from loralab.spec import LoRASpec, variant_flags
 
 if TYPE_CHECKING:
@@ -156,8 +157,9 @@ class DoRA(Output):
 
     @staticmethod
     def weight_norm(layer: LoRALinear) -> torch.Tensor:
-        """||W + ΔW|| per output row, detached: the DoRA paper (section 4.3) treats it as a constant."""
-        weight = layer.base_layer.weight
+        """||W + ΔW|| per output row, detached: the DoRA paper (section 4.3) treats it as a constant.
+        W dequantized where the base is stored in NF4 (PEFT's DoRA on a 4-bit layer does the same)."""
+        weight = dense(layer.base_layer.weight)
         return torch.linalg.norm(weight + layer.delta_weight().detach().to(weight.dtype), dim=1).detach()
 
     def forward(self, layer, x, out):

@@ -3,10 +3,13 @@ the metadata, and loaded back into an MLP of the configured sizes."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -16,6 +19,10 @@ from loralab.errors import ArtifactError
 from loralab.files import regular_file, short, write_safetensors
 from loralab.lora import is_lora_name
 from loralab.model import MLP
+from loralab.quant import held_bytes, quantize, stored
+
+if TYPE_CHECKING:
+    from loralab.config import QuantConfig
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +37,16 @@ def base_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def fingerprint(model: nn.Module) -> str:
-    """sha256 over the base tensors (names, dtypes, shapes, bytes): equal iff the base is unchanged."""
+    """sha256 over the base tensors as stored (names, dtypes, shapes, bytes): equal iff the base is
+    unchanged. A quantized weight is hashed by its codes and constants (loralab.quant.stored), so an
+    NF4 base's fingerprint is its own, not its fp32 original's."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(base_state(model).items()):
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    for key, tensor in sorted(base_state(model).items()):
+        for inner, stored_as in stored(tensor).items():
+            name = f"{key}.{inner}" if inner else key
+            t = stored_as.detach().cpu().contiguous()
+            digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
 
 
@@ -117,3 +128,30 @@ def load_base(path: str | Path, sizes: list[int]) -> tuple[MLP, dict]:
         first = str(err).strip().splitlines()[-1].strip()
         raise ArtifactError(f"{short(path)} does not fit a {'-'.join(map(str, sizes))} MLP ({first[:70]}); pass a base of these sizes") from None
     return model, meta
+
+
+@dataclass(frozen=True)
+class HeldBase:
+    """A base as a run holds it (metrics.json's ``quant``): its storage format, each quantized
+    layer's (block, scaler block), the fingerprint of what is held (``base_unchanged`` compares
+    it) and of the fp32 weights the file holds (what an adapter records as its base), and the
+    bytes the base's tensors take as held and in fp32."""
+
+    format: str
+    blocks: dict[str, tuple[int, int]]
+    sha256: str
+    weights_sha256: str
+    held_bytes: int
+    fp32_bytes: int
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self) | {"blocks": {name: list(b) for name, b in self.blocks.items()}}
+
+
+def hold_base(path: str | Path, sizes: list[int], quant: QuantConfig) -> tuple[MLP, dict, HeldBase]:
+    """``load_base``, then the weights stored as ``quant`` says (loralab.quant)."""
+    model, meta = load_base(path, sizes)
+    weights_sha, fp32 = fingerprint(model), held_bytes(model)
+    blocks = quantize(model, quant)
+    sha = fingerprint(model) if blocks else weights_sha
+    return model, meta, HeldBase(quant.format, blocks, sha, weights_sha, held_bytes(model), fp32)

@@ -1,0 +1,87 @@
+"""The frozen base stored as QLoRA stores it (Dettmers et al., 2023): every Linear weight in 4-bit
+NormalFloat, through torchao's NF4 tensor, which is pure PyTorch and so runs on CPU.
+
+An NF4 weight stays the parameter of its ``nn.Linear``: torchao's tensor answers ``F.linear`` by
+dequantizing to the input's dtype and gives the input its gradient, so an adapter trains on top
+and ``LoRALinear`` wraps the layer unchanged. What reads the dense weight (DoRA's row norms) reads
+``dense(weight)``, the dequantized weight, as PEFT does for bitsandbytes layers. What would write
+it (a merge, PiSSA's residual, a full fine-tune) is refused in the config (``QuantConfig``): a
+4-bit code cannot hold W + ΔW.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import sys
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from loralab.layout import layer_shapes
+
+if TYPE_CHECKING:
+    from loralab.config import QuantConfig  # the schema imports Hydra; this module is read by every layer
+
+
+def is_quantized(tensor: torch.Tensor) -> bool:
+    """A tensor subclass that stores its values in inner tensors (torchao's NF4)."""
+    return hasattr(tensor, "__tensor_flatten__")
+
+
+def stored(tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What a tensor's values are stored in: itself, or a quantized tensor's codes and constants."""
+    if not is_quantized(tensor):
+        return {"": tensor}
+    names, _ = tensor.__tensor_flatten__()
+    return {name: getattr(tensor, name) for name in names}
+
+
+def dense(weight: torch.Tensor) -> torch.Tensor:
+    """The weight as a plain tensor: an NF4 weight dequantized (a copy), any other as it is."""
+    return weight.get_original_weight() if is_quantized(weight) else weight
+
+
+def held_bytes(model: nn.Module) -> int:
+    """Bytes of the memory the model's base tensors hold, as stored (each storage counted once)."""
+    storages = {}
+    for tensor in model.state_dict().values():
+        for inner in stored(tensor).values():
+            storage = inner.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def peak_rss_bytes() -> int | None:
+    """The process's peak resident memory so far (Linux reports kilobytes, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def _to_nf4():
+    # torchao's import takes about 2 s (docs/benchmarks.md), paid only by a run that quantizes.
+    # It logs a deprecation from torch's pytree registry, torchao's and torch's business: quieted.
+    pytree = logging.getLogger("torch.utils._pytree")
+    level = pytree.level
+    pytree.setLevel(logging.ERROR)
+    try:
+        from torchao.quantization import to_nf4
+    finally:
+        pytree.setLevel(level)
+    return to_nf4
+
+
+def quantize(model: nn.Module, quant: QuantConfig) -> dict[str, tuple[int, int]]:
+    """Store ``model``'s Linear weights in ``quant``'s format, frozen, before any adapter wraps
+    them; returns each layer's (block, scaler block), empty for ``none``."""
+    blocks = quant.blocks(layer_shapes(model.sizes))
+    if not blocks:
+        return blocks
+    to_nf4 = _to_nf4()
+    layers = {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    for name, (block, scaler) in blocks.items():
+        layer = layers[name]
+        with torch.no_grad():
+            layer.weight = nn.Parameter(to_nf4(layer.weight.detach().contiguous(), block, scaler), requires_grad=False)
+    return blocks
