@@ -15,6 +15,8 @@ from loralab.config import QuantConfig
 from loralab.errors import ConfigError
 from loralab.layout import layer_shapes
 from loralab.quant import dense, held_bytes, is_quantized, quantize
+from loralab.report import markdown_table, summary_row
+from loralab.runs import read_run
 from loralab.weights import fingerprint, hold_base, load_base, read_safetensors
 
 NF4 = QuantConfig("nf4")
@@ -136,6 +138,10 @@ def test_a_real_nf4_finetune_trains_and_leaves_the_quantized_base_unchanged(nf4_
     # The file is a plain PEFT adapter for the fp32 base, which says where it was trained.
     assert meta["base_sha256"] == fingerprint(fp32) and meta["loralab_quant"] == "nf4"
     assert json.loads((run_dir / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    # A sweep's summary says how each job held its base.
+    row = summary_row(read_run(run_dir))
+    assert (row["quant"], row["base_held_bytes"], row["peak_rss_bytes"]) == ("nf4", quant["held_bytes"], metrics["peak_rss_bytes"])
+    assert f"| nf4 | {quant['held_bytes']} |" in markdown_table([row])
 
 
 def test_an_nf4_checkpoint_loads_back_onto_the_quantized_base(nf4_finetuned):

@@ -19,7 +19,7 @@ SUMMARY_COLUMNS = [
     "job", "status", "method", "rank", "alpha", "digits", "trainable",
     "target_wrong_before", "target_wrong_after", "other_wrong_before", "other_wrong_after",
     "acc_before", "acc_after", "forgetting", "optimizer_state_bytes", "artifact_bytes", "fit_seconds",
-    "seed", "variant",
+    "seed", "variant", "quant", "base_held_bytes", "peak_rss_bytes",
 ]
 
 
@@ -81,6 +81,9 @@ def summary_row(run: Run) -> dict:
         "artifact_bytes": m.get("artifact_bytes", ""),
         "fit_seconds": round(m["seconds"]["fit"], 2),
         "seed": m.get("seed", ""), "variant": run.label,
+        # How the frozen base was held (quant=nf4: QLoRA's 4 bits), and the process's peak memory.
+        "quant": (m.get("quant") or {}).get("format", ""), "base_held_bytes": (m.get("quant") or {}).get("held_bytes", ""),
+        "peak_rss_bytes": m.get("peak_rss_bytes", ""),
     }
 
 
@@ -89,6 +92,7 @@ MARKDOWN_COLUMNS = {
     "digits": "digits", "trainable": "trainable params",
     "target_wrong": "target wrong", "other_wrong": "other wrong", "acc": "accuracy", "forgetting": "forgetting",
     "optimizer_state_bytes": "optimizer state B", "artifact_bytes": "file B", "fit_seconds": "fit s",
+    "quant": "base stored", "base_held_bytes": "base B", "peak_rss_bytes": "peak RSS B",
 }
 
 
