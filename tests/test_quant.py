@@ -99,6 +99,8 @@ def test_dora_measures_the_dequantized_weight_and_merging_is_refused():
     (["stage=finetune", "variant=pissa"], ["lora.init='pissa' is invalid", "PEFT refuses it too"]),
     (["stage=eval", "eval.merge=true"], ["eval.merge='true' is invalid", "test it unmerged"]),
     (["stage=finetune", "model.sizes=[784,7,10,10]"], ["even block of 16-64 weights dividing linear2's 7x10"]),
+    (["stage=finetune", "accelerator=ddp"], ["runs in one process, and trainer.devices=2"]),
+    (["stage=eval", "accelerator=ddp"], ["use accelerator=cpu or gpu"]),
 ])
 def test_what_a_4_bit_base_cannot_do_is_refused_in_one_line(overrides, fragments, tmp_path):
     with pytest.raises(ConfigError) as err:

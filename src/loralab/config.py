@@ -157,6 +157,15 @@ class QuantConfig(Checked):
             found[name] = (block, largest_divisor(n_in * n_out // block, 1, NF4_SCALER_BLOCK))
         return found
 
+    def check(self, sizes: tuple[int, ...], trainer: dict) -> None:
+        """The model's layers have blocks, and the run keeps to one process: torchao's NF4 tensor
+        does not survive ddp_spawn's copy to another (its clone quantizes again with the default
+        blocks, which these layers' sizes need not fit)."""
+        self.blocks(layer_shapes(sizes))
+        if self.format != "none" and trainer.get("devices", "auto") not in ("auto", 1, "1", None):
+            raise ConfigError(f"quant={self.format} runs in one process, and trainer.devices={trainer['devices']} asks for more "
+                              "(torchao's NF4 does not survive the copy); use accelerator=cpu or gpu")
+
 
 @dataclass(frozen=True)
 class Settings(Checked):
@@ -220,7 +229,7 @@ class FinetuneSettings(Settings):
             raise invalid("optim.loraplus_ratio", self.optim.loraplus_ratio,
                           "LoRA+ sets the adapters' B learning rate; a full fine-tune has none (leave it null)")
         shapes = layer_shapes(self.model.sizes)
-        self.quant.blocks(shapes)
+        self.quant.check(self.model.sizes, self.trainer)
         if self.quant.format != "none":
             # A 4-bit code cannot hold a trained or rewritten weight: QLoRA trains adapters only.
             if self.finetune.method == "full":
@@ -264,7 +273,7 @@ class EvalSettings(Settings):
 
     def __post_init__(self):
         super().__post_init__()
-        self.quant.blocks(layer_shapes(self.model.sizes))
+        self.quant.check(self.model.sizes, self.trainer)
         if self.eval.merge and self.quant.format != "none":
             raise invalid("eval.merge", "true", f"merging adds each adapter to the base weights, which quant={self.quant.format} stores "
                           "in 4 bits; test it unmerged, or use quant=none")
