@@ -35,7 +35,7 @@ from loralab.results import Shift, TestResult
 from loralab.runs import BASE_FILE, METRICS_FILE, resolve_base, worst_digits
 from loralab.trainer import fit, last_checkpoint, make_trainer, resume_checkpoint, run_command, run_test, tester
 from loralab.trainer_args import check_trainer_args, trainer_kwargs
-from loralab.weights import file_sha256, hold_base, save_base
+from loralab.weights import HeldBase, file_sha256, hold_base, save_base
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def run_metrics(cfg: Settings, model: nn.Module, digits: list[int]) -> dict:
         "digits": digits,
         "seed": cfg.seed,
         "params": count_parameters(model),
-        "peak_rss_bytes": peak_rss_bytes(),  # the whole process's, so far
+        "peak_rss_bytes": peak_rss_bytes(),  # the process's peak so far: in a sweep, over the jobs before this one too
     }
 
 
@@ -173,14 +173,14 @@ def finetune(job: Job, run_dir: Path) -> dict:
         "artifact_bytes": sum(Path(p).stat().st_size for p in artifacts.values()),
         "seconds": {"fit": fitted.seconds, "test": test_s, "step": fitted.step_seconds},
         "artifacts": {k: str(v) for k, v in artifacts.items()} | {"checkpoint": last_checkpoint(run_dir), "tensorboard": str(run_dir)}
-        | model_card(cfg, run_dir, base_path, base_file_sha, method.base_sha256, digits, test_base, result),
+        | model_card(cfg, run_dir, base_path, base_file_sha, held.weights_sha256, digits, test_base, result),
     }
     log_hparams(trainer, job, digits, method.summary(), hp_results(result, shift))
     show(f"\n{method.describe()}{held_note(held)} on digits {digits}, test set, base -> fine-tuned:\n{digit_table(result, before=test_base, digits=digits)}")
     return metrics
 
 
-def held_note(held) -> str:
+def held_note(held: HeldBase) -> str:
     """How a quantized base is held, as the run's summary says it; nothing for fp32."""
     return f", base in {held.format.upper()} ({held.held_bytes / 1e6:.2f} MB, fp32 {held.fp32_bytes / 1e6:.2f} MB)" if held.blocks else ""
 
