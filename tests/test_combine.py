@@ -311,3 +311,5 @@ def test_combine_experiment_on_a_slice(pretrained, tmp_path):
     assert per_seed["d8 + d9 - d8 cat"] == per_seed["d9"]
     assert per_seed["d8 + d9 cat"] != per_seed["d9"]
     assert "| d8 + d9 ties |" in (sweep / "combine" / "combine.md").read_text()
+    # Printed once each, the sweep summary first and the combinations after it.
+    assert done.stdout.count("Sweep summary") == 1 and done.stdout.index("Sweep summary") < done.stdout.index("| d8 + d9 ties |")

@@ -66,10 +66,13 @@ class SweepSummary(Callback):
             sys.exit(1)
 
 
-class CombineReport(Callback):
-    """experiment=combine's last step, after SweepSummary: loralab.combine_report."""
+class CombineReport(SweepSummary):
+    """experiment=combine's sweep end: the sweep summary, then loralab.combine_report. It takes
+    SweepSummary's place (conf/experiment/combine.yaml): Hydra runs end callbacks last-registered
+    first, so a second callback would print the combinations above the summary."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        super().on_multirun_end(config, **kwargs)
         from loralab.combine_report import write_combine_report  # torch, for this sweep end only
 
         sweep_dir = Path(config.hydra.sweep.dir)
