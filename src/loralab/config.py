@@ -162,7 +162,9 @@ class QuantConfig(Checked):
         does not survive ddp_spawn's copy to another (its clone quantizes again with the default
         blocks, which these layers' sizes need not fit)."""
         self.blocks(layer_shapes(sizes))
-        if self.format != "none" and trainer.get("devices", "auto") not in ("auto", 1, "1", None):
+        devices = trainer.get("devices", "auto")
+        one = devices in ("auto", 1, "1", None) or (isinstance(devices, (list, tuple)) and len(devices) == 1)
+        if self.format != "none" and not one:
             raise ConfigError(f"quant={self.format} runs in one process, and trainer.devices={trainer['devices']} asks for more "
                               "(torchao's NF4 does not survive the copy); use accelerator=cpu or gpu")
 
