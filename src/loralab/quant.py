@@ -12,8 +12,6 @@ it (a merge, PiSSA's residual, a full fine-tune) is refused in the config (``Qua
 from __future__ import annotations
 
 import logging
-import resource
-import sys
 from typing import TYPE_CHECKING
 
 import torch
@@ -53,14 +51,8 @@ def held_bytes(model: nn.Module) -> int:
     return sum(storages.values())
 
 
-def peak_rss_bytes() -> int | None:
-    """The process's peak resident memory so far (Linux reports kilobytes, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
-
-
 def _to_nf4():
-    # torchao's import takes about 2 s (docs/benchmarks.md), paid only by a run that quantizes.
+    # torchao's import takes about 3 s (docs/benchmarks.md, section 16), paid only by a run that quantizes.
     # It logs a deprecation from torch's pytree registry, torchao's and torch's business: quieted.
     pytree = logging.getLogger("torch.utils._pytree")
     level = pytree.level
@@ -79,9 +71,8 @@ def quantize(model: nn.Module, quant: QuantConfig) -> dict[str, tuple[int, int]]
     if not blocks:
         return blocks
     to_nf4 = _to_nf4()
-    layers = {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear)}
     for name, (block, scaler) in blocks.items():
-        layer = layers[name]
+        layer = getattr(model, name)  # the MLP's layers by their layout names
         with torch.no_grad():
             layer.weight = nn.Parameter(to_nf4(layer.weight.detach().contiguous(), block, scaler), requires_grad=False)
     return blocks

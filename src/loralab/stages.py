@@ -5,8 +5,10 @@ the contract with users, scripts and tests."""
 from __future__ import annotations
 
 import logging
+import resource
 import statistics
 import subprocess
+import sys
 import time
 from functools import partial
 from importlib.metadata import PackageNotFoundError, version
@@ -29,7 +31,6 @@ from loralab.methods import base_result, make_method
 from loralab.model import MLP
 from loralab.modelcard import AdapterCard, write_card
 from loralab.monitors import monitors
-from loralab.quant import peak_rss_bytes
 from loralab.report import digit_table, show
 from loralab.results import Shift, TestResult
 from loralab.runs import BASE_FILE, METRICS_FILE, resolve_base, worst_digits
@@ -83,6 +84,12 @@ def provenance() -> dict:
     except (OSError, subprocess.SubprocessError):
         commit = None
     return {"versions": versions, "git_commit": commit}
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident memory so far (Linux reports kilobytes, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def run_metrics(cfg: Settings, model: nn.Module, digits: list[int]) -> dict:
