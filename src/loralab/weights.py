@@ -154,4 +154,4 @@ def hold_base(path: str | Path, sizes: list[int], quant: QuantConfig) -> tuple[M
     weights_sha, fp32 = fingerprint(model), held_bytes(model)
     blocks = quantize(model, quant)
     sha = fingerprint(model) if blocks else weights_sha
-    return model, meta, HeldBase(quant.format, blocks, sha, weights_sha, held_bytes(model), fp32)
+    return model, meta, HeldBase(quant.format, blocks, sha, weights_sha, held_bytes(model) if blocks else fp32, fp32)
