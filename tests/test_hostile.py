@@ -2,12 +2,14 @@
 one line of at most 200 characters naming the thing and the fix, exit 2, and nothing written or
 overwritten. Faults (a full disk, a kill mid-save, two sweeps at once) leave every artifact whole."""
 
+import errno
 import json
 import os
 import resource
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -15,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import ROOT, SLICE, assert_one_line_error, script, start_train_py, train_py, tree_digest
+from loralab.files import raise_thread_write_failure, watch_writer_threads
 
 
 def refused(done: subprocess.CompletedProcess, *fragments: str) -> str:
@@ -171,17 +174,40 @@ def test_a_full_disk_mid_save_keeps_the_previous_file_whole(tmp_path):
     assert target.read_bytes() == b"o" * 1000 and sorted(p.name for p in tmp_path.iterdir()) == [target.name]
 
 
-def test_a_full_disk_during_a_fine_tune_ends_in_one_line(tmp_path, pretrained):
+@pytest.mark.parametrize("limit_kb, figures", [
+    # Below the LoRA checkpoint (the adapter and its Adam state, 92 KB at rank 1), above every
+    # file written before it (Hydra's config, TensorBoard's events without figures).
+    (80, "false"),
+    # Below TensorBoard's events once the confusion figures are in them: its writer thread fails.
+    (40, "true"),
+])
+def test_a_full_disk_during_a_fine_tune_ends_in_one_line(tmp_path, pretrained, limit_kb, figures):
     def small_files():
-        # Below the LoRA checkpoint (the adapter and its Adam state, 92 KB at rank 1), above every
-        # file written before it (Hydra's config, TensorBoard's events without figures).
-        resource.setrlimit(resource.RLIMIT_FSIZE, (80 << 10, 80 << 10))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_kb << 10, limit_kb << 10))
 
     args = [sys.executable, str(ROOT / "train.py"), *SLICE, "stage=finetune", "trainer.max_steps=5", "trainer.val_check_interval=5",
-            f"base={pretrained[1]}", f"output_root={tmp_path}", "confusion_figures=false"]
+            f"base={pretrained[1]}", f"output_root={tmp_path}", f"confusion_figures={figures}"]
     done = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, preexec_fn=small_files, env={**os.environ}, timeout=600)
-    refused(done, "could not write", "free some space")
+    refused(done, "could not write" if figures == "false" else "the disk is full", "free some space")
     assert not list(tmp_path.rglob("metrics.json")) and not list(tmp_path.rglob("*.tmp"))
+
+
+def test_a_full_disk_in_a_thread_is_quiet_there_and_raised_in_the_main_thread(monkeypatch, capsys):
+    monkeypatch.setattr(threading, "excepthook", threading.__excepthook__)
+    watch_writer_threads()
+    watch_writer_threads()  # as every job of a sweep does: one hook, not a chain
+
+    def write(code):
+        raise OSError(code, os.strerror(code))
+
+    for code in (errno.ENOSPC, errno.EACCES):
+        worker = threading.Thread(target=write, args=(code,))
+        worker.start()
+        worker.join()
+    assert "Errno 28" not in capsys.readouterr().err  # the other error is printed as Python would
+    with pytest.raises(OSError, match="No space left"):
+        raise_thread_write_failure()
+    raise_thread_write_failure()  # raised once
 
 
 def test_a_kill_during_a_save_never_leaves_a_torn_file(tmp_path):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import gc
 import logging
 import os
@@ -23,7 +22,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationErr
 from loralab.config import SCHEMAS, Settings, invalid, load_job, unknown_key
 from loralab.console import quiet_warnings, use_hydra_handlers
 from loralab.errors import LoralabError
-from loralab.files import write_text
+from loralab.files import DISK_FULL, watch_writer_threads, write_text
 from loralab.runs import ERROR_FILE, METRICS_FILE
 
 log = logging.getLogger(__name__)
@@ -58,6 +57,7 @@ def configure_process(flush_denormal: bool) -> None:
     # Adam's state goes subnormal on long CPU runs and steps slow down about 3x.
     torch.set_flush_denormal(flush_denormal)
     keep_freed_memory()
+    watch_writer_threads()
 
 
 def swept_values(hydra_cfg: DictConfig) -> dict:
@@ -73,9 +73,6 @@ def swept_values(hydra_cfg: DictConfig) -> dict:
     job = {o.key_or_group: o.value() for o in parser.parse_overrides(list(hydra_cfg.overrides.task))}
     return {key: job[key] if isinstance(job[key], (bool, int, float, str)) else str(job[key])
             for key in dict.fromkeys(swept) if key in job}
-
-
-DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
 
 def run_job(cfg: DictConfig) -> float | None:

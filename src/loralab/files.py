@@ -3,10 +3,12 @@ so a reader (or a crash) never sees half a file."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,9 @@ from loralab.errors import ArtifactError
 # Larger than any file loralab writes or reads (a base is 11 MB, MNIST's largest IDX 47 MB): a
 # bigger file is not one of them, and reading it whole would be the problem.
 MAX_READ_BYTES = 1 << 30
+
+DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+_thread_write_failures: list[OSError] = []
 
 
 def regular_file(path: str | Path, what: str, limit: int = MAX_READ_BYTES) -> Path:
@@ -86,3 +91,27 @@ def write_safetensors(path: str | Path, tensors: dict, metadata: dict[str, str])
 
     contiguous = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
     return atomic_write_bytes(path, save(contiguous, metadata=metadata))
+
+
+def watch_writer_threads() -> None:
+    """TensorBoard writes its event files from a thread of its own, which on a full disk dies
+    printing a traceback before its writer re-raises the error in the main thread (at the next
+    write, flush or close), where it ends in one line. The hook keeps such a thread quiet; a
+    failure no writer re-raises is raised by ``raise_thread_write_failure``, before metrics.json."""
+    default = threading.excepthook
+    if getattr(default, "watches_writes", False):  # every job of a sweep calls this
+        return
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if isinstance(args.exc_value, OSError) and args.exc_value.errno in DISK_FULL:
+            _thread_write_failures.append(args.exc_value)
+        else:
+            default(args)
+
+    hook.watches_writes = True
+    threading.excepthook = hook
+
+
+def raise_thread_write_failure() -> None:
+    if _thread_write_failures:
+        raise _thread_write_failures.pop()

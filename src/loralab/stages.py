@@ -25,7 +25,7 @@ from loralab.config import EvalSettings, FinetuneSettings, Job, PretrainSettings
 from loralab.dashboard import add_forgetting_chart, hp_results, log_hparams
 from loralab.data import MNISTDataModule
 from loralab.errors import ArtifactError, DataError
-from loralab.files import short, write_json
+from loralab.files import raise_thread_write_failure, short, write_json
 from loralab.inject import count_parameters, lora_disabled, merge_lora, unmerge_lora
 from loralab.methods import base_result, make_method
 from loralab.model import MLP
@@ -264,5 +264,6 @@ def run_stage(job: Job, run_dir: Path) -> dict:
     L.seed_everything(job.settings.seed, workers=True, verbose=False)
     metrics = RUNS[type(job.settings)](job, run_dir)
     metrics |= provenance() | {"config": job.composed}
+    raise_thread_write_failure()  # a TensorBoard file left short by a full disk fails the run
     write_json(run_dir / METRICS_FILE, metrics)
     return metrics
