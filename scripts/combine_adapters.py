@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--majority-sign", default="total", help="TIES' sign election: total or frequency")
     parser.add_argument("--seed", type=int, default=0, help="DARE's random masks")
     parser.add_argument("--sizes", type=int, nargs="+", default=[784, 1000, 2000, 10])
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options before, between or after the adapters
     try:
         weights = tuple(args.weights) if args.weights is not None else (1.0,) * len(args.adapters)
         if args.weights is not None and len(weights) != len(args.adapters):

@@ -12,6 +12,7 @@ the adapter's scale*B@A is plotted beside it (rank r by construction).
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -21,6 +22,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from loralab import load_adapter, lora_layers, read_run  # noqa: E402
+from loralab.errors import LoralabError  # noqa: E402
+from loralab.files import short  # noqa: E402
 from loralab.runs import BASE_FILE, FULL_FILE  # noqa: E402
 from loralab.weights import load_base  # noqa: E402
 
@@ -69,22 +72,29 @@ def effective_rank(s: torch.Tensor, energy: float = 0.9) -> int:
     return int((cumulative < energy).sum()) + 1
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full", type=Path)
     parser.add_argument("--adapter", type=Path)
     parser.add_argument("--out", type=Path, default=Path("svd.png"))
     args = parser.parse_args(argv)
+    if not args.out.parent.is_dir():
+        print(f"error: --out {short(args.out)}: its directory does not exist; create it, or choose another path", file=sys.stderr)
+        return 2
     demo = factorisation_demo()
     print(f"W is 10x10 of rank {demo['rank']}; SVD gives B (10x2) @ A (2x10).")
     print(f"max |y - y'| = {demo['max_abs_diff']:.1e}; numbers stored: {demo['params_dense']} -> {demo['params_factorised']}")
     spectra = {}
-    if args.full:
-        spectra |= {f"full {k}": v for k, v in update_spectra(args.full).items()}
-    if args.adapter:
-        spectra |= {f"LoRA {k}": v for k, v in adapter_spectra(args.adapter).items()}
+    try:
+        if args.full:
+            spectra |= {f"full {k}": v for k, v in update_spectra(args.full).items()}
+        if args.adapter:
+            spectra |= {f"LoRA {k}": v for k, v in adapter_spectra(args.adapter).items()}
+    except LoralabError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if not spectra:
-        return
+        return 0
     fig, ax = plt.subplots(figsize=(7, 4))
     for label, s in spectra.items():
         top = s[:50]
@@ -97,7 +107,8 @@ def main(argv=None) -> None:
     fig.tight_layout()
     fig.savefig(args.out, dpi=110)
     print(f"wrote {args.out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

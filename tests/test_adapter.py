@@ -76,8 +76,8 @@ def test_other_base_only_warns(tmp_path, caplog):
         (lambda p: p.write_text(json.dumps({"peft_type": "IA3", "r": 1})), "peft_type 'IA3'"),
         (lambda p: p.write_text(json.dumps({"peft_type": "LORA"})), "lacks 'r'"),
         (lambda p: p.unlink(), "no adapter_config.json"),
-        (lambda p: p.write_text(json.dumps(json.loads(p.read_text()) | {"r": 0})), r"cannot be used: lora.rank=0 is invalid"),
-        (lambda p: p.write_text(json.dumps(json.loads(p.read_text()) | {"lora_dropout": 1.5})), r"cannot be used: lora.dropout=1.5 is invalid"),
+        (lambda p: p.write_text(json.dumps(json.loads(p.read_text()) | {"r": 0})), r"cannot be used: its r=0 is invalid"),
+        (lambda p: p.write_text(json.dumps(json.loads(p.read_text()) | {"lora_dropout": 1.5})), r"cannot be used: its lora_dropout=1.5 is invalid"),
     ],
 )
 def test_damaged_config_is_one_clear_error(tmp_path, damage, message):

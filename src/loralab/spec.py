@@ -158,15 +158,22 @@ class LoRASpec(Checked):
             unsupported.append("bias")
         if unsupported:
             raise ValueError(f"it uses {', '.join(unsupported)}, which loralab's adapters do not have (every target layer adapted, no bias)")
-        targets = config["target_modules"]
+        def read(key: str, rule: Rule, default=None):
+            # The file's own key names the problem: "its r='abc'", not a setting it never had.
+            value = config.get(key, default)
+            if not rule.allows(value):
+                raise ValueError(f"its {key}={value!r} is invalid: {rule.expected}")
+            return value
+
+        targets = config.get("target_modules")
         return cls(
-            rank=int(config["r"]),
-            alpha=float(config["lora_alpha"]),
+            rank=read("r", Rule(int, low=1)),
+            alpha=float(read("lora_alpha", Rule(float, low=0, low_open=True))),
             targets=tuple(targets) if isinstance(targets, list) else targets,
-            dropout=float(config.get("lora_dropout") or 0.0),
+            dropout=float(read("lora_dropout", Rule(float, low=0, high=1, high_open=True, optional=True)) or 0.0),
             init=loralab_init if loralab_init in ("gaussian", "kaiming") else "gaussian" if init == "gaussian" else "kaiming",
-            rslora=bool(config.get("use_rslora", False)),
-            dora=bool(config.get("use_dora", False)),
+            rslora=read("use_rslora", Rule(bool), False),
+            dora=read("use_dora", Rule(bool), False),
             rank_pattern=config.get("rank_pattern") or {},  # LoRASpec refuses what is not a mapping
             alpha_pattern=config.get("alpha_pattern") or {},
         )

@@ -24,7 +24,7 @@ from loralab.classifier import Classifier
 from loralab.config import EvalSettings, FinetuneSettings, Job, PretrainSettings, Settings
 from loralab.dashboard import add_forgetting_chart, hp_results, log_hparams
 from loralab.data import MNISTDataModule
-from loralab.errors import ArtifactError, DataError
+from loralab.errors import ArtifactError, ConfigError, DataError
 from loralab.files import raise_thread_write_failure, short, write_json
 from loralab.inject import count_parameters, lora_disabled, merge_lora, unmerge_lora
 from loralab.methods import base_result, make_method
@@ -61,6 +61,10 @@ def check_batches(cfg: Settings, datamodule: MNISTDataModule) -> None:
     if batches == 0:
         raise DataError(f"no training images of digits {datamodule.digits} are left once data.val_size={cfg.data.val_size} are held out; "
                         "lower data.val_size")
+    limit = cfg.trainer.get("limit_train_batches")
+    if isinstance(limit, (int, float)) and (min(batches, limit) if isinstance(limit, int) else int(batches * limit)) == 0:
+        raise ConfigError(f"trainer.limit_train_batches={limit} leaves none of the {batches} training batches, so nothing would train; "
+                          "raise it, or set it to null for all")
     check_trainer_args(trainer_kwargs(cfg.trainer), train_batches=batches)
 
 

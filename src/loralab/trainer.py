@@ -165,7 +165,9 @@ def resume_checkpoint(job: Job) -> Path | None:
     except LoralabError:
         raise
     except Exception as err:  # noqa: BLE001 - every failure here means "not a safe, whole checkpoint"
-        raise ArtifactError(f"{short(ckpt)} is not a loadable checkpoint (refused: {str(err).splitlines()[0][:80]})") from None
+        # torch's weights-only refusal runs to a paragraph; what it means here fits in a few words.
+        reason = "torch.load's weights-only reader refused it" if "Weights only load failed" in str(err) else str(err).splitlines()[0][:80]
+        raise ArtifactError(f"{short(ckpt)} is not a loadable checkpoint ({reason}); resume a run loralab wrote") from None
     missing = [key for key in CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or key not in checkpoint]
     if missing:
         raise ArtifactError(f"{short(ckpt)} is not a Lightning checkpoint (no {', '.join(missing)}); resume the run that wrote it")
