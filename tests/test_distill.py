@@ -70,6 +70,7 @@ def test_resume_onto_another_base_is_refused(pretrained, tmp_path):
     shutil.copytree(pretrained[1], base_dir)
     overrides = [*SLICE, "stage=finetune", "trainer.max_steps=4", "trainer.val_check_interval=2", f"base={base_dir}"]
     _, run_dir = run(overrides, tmp_path, "first")
+    (run_dir / "metrics.json").unlink()  # as a kill before the end leaves it
     other, other_dir = run([*SLICE, "stage=pretrain", "trainer.max_epochs=1", "seed=1"], tmp_path, "other")
     assert other["base_sha256"] != pretrained[0]["base_sha256"]
     shutil.copy(other_dir / "base.safetensors", base_dir / "base.safetensors")  # same path, other weights

@@ -192,6 +192,12 @@ def test_an_interrupted_run_dir_is_refused_as_output_and_names_resume(tmp_path, 
     assert (run_dir / "metrics.json").exists()
 
 
+def test_a_finished_run_is_not_resumed(tmp_path, pretrained, lora_run):
+    before = tree_digest(lora_run)
+    refused(finetune(pretrained[1], tmp_path / "out", f"resume={lora_run}"), "finished", "nothing is left to resume")
+    assert tree_digest(lora_run) == before and empty(tmp_path / "out")
+
+
 # Faults.
 def limited_write(target, payload_bytes: int, limit: int) -> subprocess.CompletedProcess:
     code = (f"import resource; resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))\n"

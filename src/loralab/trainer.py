@@ -23,6 +23,7 @@ from loralab.files import atomic_write_bytes, regular_file, short
 from loralab.monitors import measurements
 from loralab.progress import StepProgressBar
 from loralab.results import TestResult
+from loralab.runs import METRICS_FILE
 from loralab.trainer_args import trainer_kwargs
 
 
@@ -140,6 +141,9 @@ def resume_checkpoint(job: Job) -> Path | None:
     ckpt = checkpoint_file(run_dir)
     if not ckpt.exists():
         raise ArtifactError(f"resume={short(run_dir)} has no checkpoints/last.ckpt; pass the run dir of an interrupted run")
+    if (run_dir / METRICS_FILE).exists():
+        raise ArtifactError(f"resume={short(run_dir)} finished (its {METRICS_FILE} is there), so nothing is left to resume; "
+                            "run again without resume=")
     saved = run_dir / ".hydra" / "config.yaml"
     if saved.exists():
         try:
