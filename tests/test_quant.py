@@ -1,6 +1,6 @@
-"""A 4-bit base as QLoRA stores it (quant=nf4): the derived blocks, the invariants of every variant
-that trains on it, the quantized storage unchanged by a real fine-tune, the refusals, and an
-adapter moved between the NF4 and the fp32 base."""
+"""A 4-bit base as QLoRA stores it (quant=nf4), and an int8 one (quant=int8): the derived blocks,
+each format's rounding, the invariants of every variant that trains on it, the quantized storage
+unchanged by a real fine-tune, the refusals, and an adapter moved between the NF4 and the fp32 base."""
 
 import json
 
@@ -20,6 +20,7 @@ from loralab.runs import read_run
 from loralab.weights import fingerprint, hold_base, load_base, read_safetensors
 
 NF4 = QuantConfig("nf4")
+FORMATS = ("nf4", "int8")
 # The variants that train on a 4-bit base; PiSSA rewrites the base and is refused (test below).
 VARIANTS = {"plain": {}, "rslora": {"rslora": True}, "dora": {"dora": True}, "dora+dropout": {"dora": True, "dropout": 0.1}}
 X = torch.randn(16, 784, generator=torch.Generator().manual_seed(42))
@@ -29,10 +30,10 @@ X = torch.randn(16, 784, generator=torch.Generator().manual_seed(42))
 NF4_HALF_GAP = 0.3038 / 2 * 1.01
 
 
-def nf4_base(seed: int = 0, sizes=SMALL) -> MLP:
+def nf4_base(seed: int = 0, sizes=SMALL, fmt: str = "nf4") -> MLP:
     torch.manual_seed(seed)
     model = MLP(sizes)
-    quantize(model, NF4)
+    quantize(model, QuantConfig(fmt))
     return model
 
 
@@ -65,19 +66,37 @@ def test_nf4_holds_an_eighth_of_the_bytes_within_its_rounding():
         assert (error <= NF4_HALF_GAP * absmax).all() and error.max() > 0
 
 
+def test_int8_holds_a_quarter_of_the_bytes_within_half_a_step_of_its_row():
+    torch.manual_seed(0)
+    fp32 = MLP(EXPENSIVE)
+    weights = {name: getattr(fp32, name).weight.detach().clone() for name in layer_shapes(EXPENSIVE)}
+    fp32_bytes = held_bytes(fp32)
+    quantize(fp32, QuantConfig("int8"))
+    # 8 bits a weight, per row an fp32 scale and an int8 zero point, fp32 biases: 11.2 MB -> 2.83 MB.
+    assert 3.9 < fp32_bytes / held_bytes(fp32) < 4
+    for name, weight in weights.items():
+        held = getattr(fp32, name).weight
+        assert is_quantized(held) and not held.requires_grad and held.qdata.dtype == torch.int8
+        step = weight.abs().amax(dim=1, keepdim=True) / 127  # symmetric: 255 levels over [-absmax, absmax]
+        error = (dense(held) - weight).abs()
+        assert (error <= step / 2 * 1.01).all() and error.max() > 0
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_step_zero_equals_the_nf4_base_exactly(variant):
-    model = nf4_base()
+def test_step_zero_equals_the_quantized_base_exactly(variant, fmt):
+    model = nf4_base(fmt=fmt)
     expected = model(X)
     inject_lora(model, LoRASpec(rank=2, alpha=4.0, targets=ALL_LAYERS, **VARIANTS[variant]))
     model.eval()
     assert torch.equal(model(X), expected)
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_adapters_off_give_the_nf4_base_exactly(variant):
-    expected = nf4_base()(X)
-    model = nf4_base()
+def test_adapters_off_give_the_quantized_base_exactly(variant, fmt):
+    expected = nf4_base(fmt=fmt)(X)
+    model = nf4_base(fmt=fmt)
     inject_lora(model, LoRASpec(rank=2, alpha=4.0, targets=ALL_LAYERS, **VARIANTS[variant]))
     as_if_trained(model).eval()
     assert not torch.allclose(model(X), expected, atol=1e-3)
@@ -85,12 +104,13 @@ def test_adapters_off_give_the_nf4_base_exactly(variant):
         assert torch.equal(model(X), expected)
 
 
-def test_dora_measures_the_dequantized_weight_and_merging_is_refused():
-    model = nf4_base()
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_dora_measures_the_dequantized_weight_and_merging_is_refused(fmt):
+    model = nf4_base(fmt=fmt)
     inject_lora(model, LoRASpec(rank=2, alpha=4.0, targets=ALL_LAYERS, dora=True))
     for layer in lora_layers(model).values():
         assert torch.equal(layer.lora_magnitude_vector, torch.linalg.norm(dense(layer.base_layer.weight), dim=1))
-    with pytest.raises(RuntimeError, match="4-bit base weight"):
+    with pytest.raises(RuntimeError, match="quantized base weight"):
         merge_lora(model)
 
 
@@ -107,6 +127,12 @@ def test_what_a_4_bit_base_cannot_do_is_refused_in_one_line(overrides, fragments
         load([*overrides, "quant=nf4"], tmp_path)
     assert all(f in str(err.value) for f in fragments), err.value
     load([*overrides, "quant=none"], tmp_path)  # the same settings on the fp32 base are fine
+    if "model.sizes=[784,7,10,10]" not in overrides:  # int8 scales rows, and takes any shape
+        with pytest.raises(ConfigError) as err:
+            load([*overrides, "quant=int8"], tmp_path)
+        assert all(f in str(err.value) for f in fragments) and "4 bits" not in str(err.value), err.value
+    else:
+        load([*overrides, "quant=int8"], tmp_path)
 
 
 def test_a_bad_block_shape_is_one_line_on_the_command_line(tmp_path):
@@ -188,6 +214,24 @@ def test_an_adapter_on_an_nf4_model_in_process_matches_the_eval(nf4_finetuned, p
     metrics, run_dir = nf4_finetuned
     module = Classifier.load_from_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=True).eval()
     model, _, _ = hold_base(pretrained[1] / "base.safetensors", EXPENSIVE, NF4)
+    load_adapter(model, run_dir)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(X), module.model(X))
+
+
+def test_a_real_int8_finetune_trains_on_the_int8_base_and_loads_back(outputs, pretrained):
+    metrics, run_dir = run([*SLICE, "stage=finetune", "quant=int8", "lora.dora=true", "trainer.max_steps=10", "trainer.val_check_interval=10",
+                            f"base={pretrained[1]}"], outputs, "finetune-int8")
+    fp32, _ = load_base(pretrained[1] / "base.safetensors", EXPENSIVE)
+    quant = metrics["quant"]
+    assert quant["format"] == "int8" and quant["blocks"] == {} and quant["weights_sha256"] == fingerprint(fp32)
+    assert metrics["base_unchanged"] is True and metrics["base_sha256"] == quant["sha256"] != fingerprint(fp32)
+    assert 3.9 < quant["fp32_bytes"] / quant["held_bytes"] < 4 and metrics["test"] != metrics["test_base"]
+    _, meta = read_safetensors(run_dir / WEIGHTS_FILE, "adapter")
+    assert meta["loralab_quant"] == "int8"
+    module = Classifier.load_from_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=True).eval()
+    assert fingerprint(module.model) == metrics["base_sha256"]
+    model, _, _ = hold_base(pretrained[1] / "base.safetensors", EXPENSIVE, QuantConfig("int8"))
     load_adapter(model, run_dir)
     with torch.no_grad():
         assert torch.equal(model.eval()(X), module.model(X))

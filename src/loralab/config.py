@@ -138,16 +138,22 @@ def largest_divisor(n: int, low: int, high: int, even: bool = False) -> int | No
 @dataclass(frozen=True)
 class QuantConfig(Checked):
     """How the frozen base is stored while it is fine-tuned or evaluated: ``none`` keeps its fp32
-    weights; ``nf4`` stores every Linear weight in 4-bit NormalFloat (loralab.quant), the biases in fp32."""
+    weights; ``nf4`` stores every Linear weight in 4-bit NormalFloat, ``int8`` in 8-bit integers
+    with a scale per output row (loralab.quant); the biases stay fp32."""
 
     KEY: ClassVar[str] = "quant"
-    format: str = setting("none", Rule(str, choices=("none", "nf4")))
+    BITS: ClassVar[dict[str, int]] = {"none": 32, "nf4": 4, "int8": 8}
+    format: str = setting("none", Rule(str, choices=tuple(BITS)))
+
+    @property
+    def bits(self) -> int:
+        return self.BITS[self.format]
 
     def blocks(self, shapes: dict[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
         """Each layer's (block, scaler block): QLoRA's 64 and 256, or the largest that divide the
         layer's weights (an even block: two 4-bit codes share a byte) and its number of blocks."""
-        if self.format == "none":
-            return {}
+        if self.format != "nf4":
+            return {}  # int8 scales whole rows: any shape fits
         found = {}
         for name, (n_in, n_out) in shapes.items():
             block = largest_divisor(n_in * n_out, MIN_BLOCK, NF4_BLOCK, even=True)
@@ -166,7 +172,7 @@ class QuantConfig(Checked):
         one = devices in ("auto", 1, "1", None) or (isinstance(devices, (list, tuple)) and len(devices) == 1)
         if self.format != "none" and not one:
             raise ConfigError(f"quant={self.format} runs in one process, and trainer.devices={trainer['devices']} asks for more "
-                              "(torchao's NF4 does not survive the copy); use accelerator=cpu or gpu")
+                              "(torchao's NF4 does not survive ddp_spawn's copy); use accelerator=cpu or gpu")
 
 
 @dataclass(frozen=True)
@@ -236,7 +242,7 @@ class FinetuneSettings(Settings):
             # A 4-bit code cannot hold a trained or rewritten weight: QLoRA trains adapters only.
             if self.finetune.method == "full":
                 raise invalid("finetune.method", "full", f"a full fine-tune trains the base weights, which quant={self.quant.format} stores "
-                              "frozen in 4 bits; use quant=none, or finetune.method=lora")
+                              f"frozen in {self.quant.bits} bits; use quant=none, or finetune.method=lora")
             if self.lora.init == "pissa":
                 raise invalid("lora.init", "pissa", f"PiSSA rewrites the base to W - BA, which quant={self.quant.format} cannot store "
                               "exactly (PEFT refuses it too); use quant=none")
@@ -285,7 +291,7 @@ class EvalSettings(Settings):
         self.quant.check(self.model.sizes, self.trainer)
         if self.eval.merge and self.quant.format != "none":
             raise invalid("eval.merge", "true", f"merging adds each adapter to the base weights, which quant={self.quant.format} stores "
-                          "in 4 bits; test it unmerged, or use quant=none")
+                          f"in {self.quant.bits} bits; test it unmerged, or use quant=none")
 
 
 @dataclass(frozen=True)

@@ -77,7 +77,7 @@ class LoRALinear(nn.Module):
         if not self.enabled:
             raise RuntimeError("cannot merge a disabled adapter; enable it first")
         if is_quantized(self.base_layer.weight):
-            raise RuntimeError("cannot merge into a 4-bit base weight, which cannot hold W + ΔW; merge into the fp32 base")
+            raise RuntimeError("cannot merge into a quantized base weight, which cannot hold W + ΔW; merge into the fp32 base")
         self.output.merge(self, self.base_layer.weight)
         self.merged = True
 

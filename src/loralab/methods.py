@@ -81,7 +81,7 @@ class LoRAMethod:
     def save(self, model: nn.Module, run_dir: Path, cfg: FinetuneSettings) -> dict[str, Path]:
         # The adapter records the fp32 weights as its base (the file users apply it to; compare_base
         # has confirmed them unchanged), and a quantized base's format beside them.
-        quant = {"loralab_quant": self.held.format} if self.held.blocks else {}
+        quant = {"loralab_quant": self.held.format} if self.held.quantized else {}
         return save_adapter(model, run_dir, list(cfg.model.sizes), self.held.weights_sha256, quant)
 
     def summary(self) -> dict:

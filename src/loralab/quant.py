@@ -1,12 +1,14 @@
 """The frozen base stored as QLoRA stores it (Dettmers et al., 2023): every Linear weight in 4-bit
-NormalFloat, through torchao's NF4 tensor, which is pure PyTorch and so runs on CPU.
+NormalFloat, through torchao's NF4 tensor, which is pure PyTorch and so runs on CPU; or in int8
+with one scale per output row (torchao's weight-only int8), twice NF4's bytes at a fraction of its
+CPU cost (docs/benchmarks.md, section 16).
 
-An NF4 weight stays the parameter of its ``nn.Linear``: torchao's tensor answers ``F.linear`` by
-dequantizing to the input's dtype and gives the input its gradient, so an adapter trains on top
-and ``LoRALinear`` wraps the layer unchanged. What reads the dense weight (DoRA's row norms) reads
-``dense(weight)``, the dequantized weight, as PEFT does for bitsandbytes layers. What would write
-it (a merge, PiSSA's residual, a full fine-tune) is refused in the config (``QuantConfig``): a
-4-bit code cannot hold W + ΔW.
+A quantized weight stays the parameter of its ``nn.Linear``: torchao's tensors answer ``F.linear``
+by dequantizing and give the input its gradient, so an adapter trains on top and ``LoRALinear``
+wraps the layer unchanged. What reads the dense weight (DoRA's row norms) reads ``dense(weight)``,
+the dequantized weight, as PEFT does for bitsandbytes layers. What would write it (a merge,
+PiSSA's residual, a full fine-tune) is refused in the config (``QuantConfig``): a 4- or 8-bit code
+cannot hold W + ΔW.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ if TYPE_CHECKING:
 
 
 def is_quantized(tensor: torch.Tensor) -> bool:
-    """A tensor subclass that stores its values in inner tensors (torchao's NF4)."""
+    """A tensor subclass that stores its values in inner tensors (torchao's NF4 and int8)."""
     return hasattr(tensor, "__tensor_flatten__")
 
 
@@ -37,8 +39,10 @@ def stored(tensor: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def dense(weight: torch.Tensor) -> torch.Tensor:
-    """The weight as a plain tensor: an NF4 weight dequantized (a copy), any other as it is."""
-    return weight.get_original_weight() if is_quantized(weight) else weight
+    """The weight as a plain tensor: a quantized weight dequantized (a copy), any other as it is."""
+    if not is_quantized(weight):
+        return weight
+    return weight.get_original_weight() if hasattr(weight, "get_original_weight") else weight.dequantize()  # NF4, int8
 
 
 def held_bytes(model: nn.Module) -> int:
@@ -51,28 +55,35 @@ def held_bytes(model: nn.Module) -> int:
     return sum(storages.values())
 
 
-def _to_nf4():
-    # torchao's import takes about 3 s (docs/benchmarks.md, section 16), paid only by a run that quantizes.
-    # It logs a deprecation from torch's pytree registry, torchao's and torch's business: quieted.
+def _torchao():
+    """torchao's quantization module. Its import takes about 3 s (docs/benchmarks.md, section 16),
+    paid only by a run that quantizes. It logs a deprecation from torch's pytree registry, torchao's
+    and torch's business: quieted."""
     pytree = logging.getLogger("torch.utils._pytree")
     level = pytree.level
     pytree.setLevel(logging.ERROR)
     try:
-        from torchao.quantization import to_nf4
+        import torchao.quantization as torchao_quantization
     finally:
         pytree.setLevel(level)
-    return to_nf4
+    return torchao_quantization
 
 
 def quantize(model: nn.Module, quant: QuantConfig) -> dict[str, tuple[int, int]]:
     """Store ``model``'s Linear weights in ``quant``'s format, frozen, before any adapter wraps
-    them; returns each layer's (block, scaler block), empty for ``none``."""
+    them; returns each layer's NF4 (block, scaler block), empty for ``none`` and ``int8``."""
+    if quant.format == "none":
+        return {}
     blocks = quant.blocks(layer_shapes(model.sizes))
-    if not blocks:
-        return blocks
-    to_nf4 = _to_nf4()
-    for name, (block, scaler) in blocks.items():
+    ao = _torchao()
+    for name in layer_shapes(model.sizes):
         layer = getattr(model, name)  # the MLP's layers by their layout names
         with torch.no_grad():
-            layer.weight = nn.Parameter(to_nf4(layer.weight.detach().contiguous(), block, scaler), requires_grad=False)
+            if quant.format == "nf4":
+                layer.weight = nn.Parameter(ao.to_nf4(layer.weight.detach().contiguous(), *blocks[name]), requires_grad=False)
+            else:
+                # Symmetric, one fp32 scale per output row; set_inductor_config would change
+                # torch.compile's settings for the whole process.
+                ao.quantize_(layer, ao.Int8WeightOnlyConfig(set_inductor_config=False))
+                layer.weight.requires_grad_(False)
     return blocks

@@ -193,7 +193,7 @@ def finetune(job: Job, run_dir: Path) -> dict:
 
 def held_note(held: HeldBase) -> str:
     """How a quantized base is held, as the run's summary says it; nothing for fp32."""
-    return f", base in {held.format.upper()} ({held.held_bytes / 1e6:.2f} MB, fp32 {held.fp32_bytes / 1e6:.2f} MB)" if held.blocks else ""
+    return f", base in {held.format.upper()} ({held.held_bytes / 1e6:.2f} MB, fp32 {held.fp32_bytes / 1e6:.2f} MB)" if held.quantized else ""
 
 
 def log_result(trainer: L.Trainer, module: Classifier, result: TestResult, split: str) -> None:

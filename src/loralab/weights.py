@@ -132,8 +132,8 @@ def load_base(path: str | Path, sizes: list[int]) -> tuple[MLP, dict]:
 
 @dataclass(frozen=True)
 class HeldBase:
-    """A base as a run holds it (metrics.json's ``quant``): its storage format, each quantized
-    layer's (block, scaler block), the fingerprint of what is held (``base_unchanged`` compares
+    """A base as a run holds it (metrics.json's ``quant``): its storage format, each
+    NF4 layer's (block, scaler block), the fingerprint of what is held (``base_unchanged`` compares
     it) and of the fp32 weights the file holds (what an adapter records as its base), and the
     bytes the base's tensors take as held and in fp32."""
 
@@ -144,6 +144,10 @@ class HeldBase:
     held_bytes: int
     fp32_bytes: int
 
+    @property
+    def quantized(self) -> bool:
+        return self.format != "none"
+
     def to_json(self) -> dict:
         return dataclasses.asdict(self) | {"blocks": {name: list(b) for name, b in self.blocks.items()}}
 
@@ -153,5 +157,6 @@ def hold_base(path: str | Path, sizes: list[int], quant: QuantConfig) -> tuple[M
     model, meta = load_base(path, sizes)
     weights_sha, fp32 = fingerprint(model), held_bytes(model)
     blocks = quantize(model, quant)
-    sha = fingerprint(model) if blocks else weights_sha
-    return model, meta, HeldBase(quant.format, blocks, sha, weights_sha, held_bytes(model) if blocks else fp32, fp32)
+    if quant.format == "none":
+        return model, meta, HeldBase(quant.format, blocks, weights_sha, weights_sha, fp32, fp32)
+    return model, meta, HeldBase(quant.format, blocks, fingerprint(model), weights_sha, held_bytes(model), fp32)
