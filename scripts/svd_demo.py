@@ -78,6 +78,9 @@ def main(argv=None) -> int:
     parser.add_argument("--adapter", type=Path)
     parser.add_argument("--out", type=Path, default=Path("svd.png"))
     args = parser.parse_args(argv)
+    if args.out.is_dir():
+        print(f"error: --out {short(args.out)} is a directory; name the PNG file to write", file=sys.stderr)
+        return 2
     if not args.out.parent.is_dir():
         print(f"error: --out {short(args.out)}: its directory does not exist; create it, or choose another path", file=sys.stderr)
         return 2

@@ -52,6 +52,8 @@ def lora_run(tmp_path, pretrained):
     (["data.replay=0.01"], ["data.replay=0.01 is invalid", "replays 0 of each batch"]),
     (["seed=4294967296"], ["seed=4294967296 is invalid", "from 0 to 4294967295"]),
     (["lora.targets='linear['"], ["lora.targets='linear[' is invalid", "not a regular expression"]),
+    (["trainer.limit_test_batches=0"], ["trainer.limit_test_batches=0 is invalid", "none of the 10 test batches"]),
+    (["trainer.limit_test_batches=0.05"], ["trainer.limit_test_batches=0.05 is invalid"]),
     (["lora.rank=100000"], ["lora.rank=100000 is invalid", "above both of linear1's sizes (784, 1000)"]),  # would allocate gigabytes
     (["lora.rank_pattern={linear3:3000}"], ["lora.rank_pattern.linear3=3000 is invalid", "B·A has rank ≤ 10"]),
 ])
@@ -83,7 +85,7 @@ def test_a_users_mnist_copy_with_bad_labels_or_headers(tmp_path):
     (the published first labels and counts do not see it) and a wrong IDX magic number."""
     from loralab.mnist import raw_dir
 
-    for name, offset, value, fragment in [("train-labels-idx1-ubyte", 8 + 1000, 12, "1 train labels are outside 0-9 (the first, 12, at index 1000)"),
+    for name, offset, value, fragment in [("train-labels-idx1-ubyte", 8 + 1000, 12, "1 train label is outside 0-9 (the first, 12, at index 1000)"),
                                           ("t10k-images-idx3-ubyte", 2, 9, "magic number 0x903, expected 0x803")]:
         copy = tmp_path / name
         shutil.copytree(raw_dir(DATA_DIR), raw_dir(copy))
@@ -245,7 +247,8 @@ def test_a_full_disk_in_a_thread_is_quiet_there_and_raised_in_the_main_thread(mo
         worker = threading.Thread(target=write, args=(code,))
         worker.start()
         worker.join()
-    assert "Errno 28" not in capsys.readouterr().err  # the other error is printed as Python would
+    printed = capsys.readouterr().err
+    assert "Errno 28" not in printed and "Errno 13" in printed  # the other error is printed as Python would
     with pytest.raises(OSError, match="No space left"):
         raise_thread_write_failure()
     raise_thread_write_failure()  # raised once

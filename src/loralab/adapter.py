@@ -135,9 +135,9 @@ def check_fits(model: nn.Module, spec: LoRASpec, state: dict, source: str) -> No
     if found != expected:
         wrong = sorted(k for k in found.keys() | expected.keys() if found.get(k) != expected.get(k))[0]
         if wrong not in found:
-            problem = f"it lacks the {wrong} tensor {expected[wrong]} its config's targets and rank call for"
+            problem = f"it lacks {wrong} {expected[wrong]}, which its config (target_modules, r, use_dora) calls for"
         elif wrong not in expected:
-            problem = f"its {wrong} tensor is for no layer its config adapts"
+            problem = f"it holds {wrong}, which its config (target_modules, r, use_dora) does not call for"
         else:
             problem = f"{wrong} has shape {found[wrong]}, the model needs {expected[wrong]}"
         raise ArtifactError(f"adapter in {short(source)} does not fit the base: {problem}")

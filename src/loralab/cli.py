@@ -201,6 +201,15 @@ def numbered_group_line(overrides: list[str], conf: Path) -> str:
             f"configs ({', '.join(options)})" + (f", or set lora.{group}= directly" if group == "rank" else ""))
 
 
+def making_directories(err: OSError) -> bool:
+    """``err`` came from a mkdir (Hydra making the run or sweep dir), not from a job's own work
+    re-raised in this process (joblib's and submitit's jobs run in others)."""
+    frame = err.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    return frame is not None and frame.tb_frame.f_code.co_name in ("mkdir", "makedirs")
+
+
 def main(hydra_main, conf: Path) -> None:
     """Run ``hydra_main``, whose configs are in ``conf``; a config that does not compose ends in
     one ``error:`` line, exit 2."""
@@ -227,8 +236,13 @@ def main(hydra_main, conf: Path) -> None:
     except OSError as err:
         if _started or "debug=true" in args:
             raise
-        print(f"error: cannot make the run directory {short(err.filename or '')} ({err.strerror}); set output_root= "
-              "(or hydra.run.dir=) to a directory you can write", file=sys.stderr)
+        if err.errno in DISK_FULL:  # Hydra writing .hydra/ into the run dir
+            print(f"error: the disk is full or a file-size limit was reached ({err.strerror}); free some space and run again", file=sys.stderr)
+            sys.exit(2)
+        if not making_directories(err):
+            raise
+        print(f"error: cannot make the run directory {short(err.filename or '?')} ({err.strerror or err}); set output_root= "
+              f"(or hydra.{'sweep' if launching else 'run'}.dir=) to a directory you can write", file=sys.stderr)
         sys.exit(2)
     finally:
         # Whatever the outcome, nothing runs after this but the interpreter's teardown, whose

@@ -27,6 +27,8 @@ from loralab.spec import LoRASpec, match_targets, pattern_key
 # change them, and a sweep's job directories are not named after them (conf/config.yaml).
 INCIDENTAL = ("output_root", "data_dir", "base", "resume", "debug", "verbose", "trainer.enable_progress_bar", "confusion_figures")
 
+MNIST_TEST_IMAGES = 10_000
+
 # Lightning's own defaults where they serve; trainer.* is checked by Lightning's rules (trainer_args).
 TRAINER = {
     "max_epochs": 3, "max_steps": -1, "val_check_interval": 1.0, "check_val_every_n_epoch": 1, "log_every_n_steps": 50,
@@ -164,15 +166,15 @@ class QuantConfig(Checked):
         return found
 
     def check(self, sizes: tuple[int, ...], trainer: dict) -> None:
-        """The model's layers have blocks, and the run keeps to one process: torchao's NF4 tensor
-        does not survive ddp_spawn's copy to another (its clone quantizes again with the default
-        blocks, which these layers' sizes need not fit)."""
+        """The model's layers have blocks, and the run keeps to one process: torchao's tensors do
+        not survive ddp_spawn's copy to another (NF4's clone quantizes again with the default
+        blocks, which these layers' sizes need not fit; int8's does not pickle)."""
         self.blocks(layer_shapes(sizes))
         devices = trainer.get("devices", "auto")
         one = devices in ("auto", 1, "1", None) or (isinstance(devices, (list, tuple)) and len(devices) == 1)
         if self.format != "none" and not one:
             raise ConfigError(f"quant={self.format} runs in one process, and trainer.devices={trainer['devices']} asks for more "
-                              "(torchao's NF4 does not survive ddp_spawn's copy); use accelerator=cpu or gpu")
+                              "(torchao's quantized tensors do not survive ddp_spawn's copy); use accelerator=cpu or gpu")
 
 
 @dataclass(frozen=True)
@@ -197,6 +199,12 @@ class Settings(Checked):
     def __post_init__(self):
         self.check_rules()
         check_trainer(self.trainer, self.data.batch_size)
+        limit = self.trainer.get("limit_test_batches")
+        batches = -(-MNIST_TEST_IMAGES // self.data.eval_batch_size)
+        if isinstance(limit, (int, float)) and not isinstance(limit, bool) and (min(batches, limit) if isinstance(limit, int) else int(batches * limit)) == 0:
+            # Every stage's results are its test: none would leave metrics.json without them.
+            raise invalid("trainer.limit_test_batches", limit, f"leaves none of the {batches} test batches, and every result is a test; "
+                          "raise it, or set it to null for all")
 
 
 @dataclass(frozen=True)
@@ -239,7 +247,7 @@ class FinetuneSettings(Settings):
         shapes = layer_shapes(self.model.sizes)
         self.quant.check(self.model.sizes, self.trainer)
         if self.quant.format != "none":
-            # A 4-bit code cannot hold a trained or rewritten weight: QLoRA trains adapters only.
+            # A 4- or 8-bit code cannot hold a trained or rewritten weight: QLoRA trains adapters only.
             if self.finetune.method == "full":
                 raise invalid("finetune.method", "full", f"a full fine-tune trains the base weights, which quant={self.quant.format} stores "
                               f"frozen in {self.quant.bits} bits; use quant=none, or finetune.method=lora")
@@ -261,7 +269,8 @@ class FinetuneSettings(Settings):
             if self.lora.rank_of(name) > max(shapes[name]):
                 own = pattern_key(self.lora.rank_pattern, name)
                 raise invalid("lora.rank" if own is None else f"lora.rank_pattern.{own}", self.lora.rank_of(name),
-                              f"above both of {name}'s sizes {tuple(shapes[name])}, where B·A has rank ≤ {min(shapes[name])}; lower it")
+                              f"above both of {name}'s sizes {tuple(shapes[name])}, where B·A has rank ≤ {min(shapes[name])}; "
+                              f"lower it to at most {max(shapes[name])}")
         if self.lora.init == "pissa":
             # PiSSA starts from W's top-r singular triplets: a layer has min(in, out) of them. Any
             # other adapter may be wider than that (its update's rank is still at most min(in, out)).

@@ -98,8 +98,9 @@ def watch_writer_threads() -> None:
     printing a traceback before its writer re-raises the error in the main thread (at the next
     write, flush or close), where it ends in one line. The hook keeps such a thread quiet; a
     failure no writer re-raises is raised by ``raise_thread_write_failure``, before metrics.json."""
+    _thread_write_failures.clear()  # every job of a sweep calls this: an earlier job's failure is not its own
     default = threading.excepthook
-    if getattr(default, "watches_writes", False):  # every job of a sweep calls this
+    if getattr(default, "watches_writes", False):
         return
 
     def hook(args: threading.ExceptHookArgs) -> None:
@@ -114,4 +115,6 @@ def watch_writer_threads() -> None:
 
 def raise_thread_write_failure() -> None:
     if _thread_write_failures:
-        raise _thread_write_failures.pop()
+        first = _thread_write_failures[0]
+        _thread_write_failures.clear()
+        raise first

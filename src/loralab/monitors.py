@@ -76,6 +76,6 @@ def monitors(lr: float) -> list[L.Callback]:
 
 def measurements(trainer: L.Trainer) -> tuple[float, int]:
     """(median step seconds, optimizer state bytes); NaN and 0 when Lightning trained no step
-    (limit_train_batches=0, or resuming a run whose training had finished): nothing was measured."""
+    (resuming a run whose training had finished): nothing was measured."""
     measured = trainer.callback_metrics
     return float(measured.get(STEP_SECONDS, math.nan)), int(measured.get(OPTIMIZER_STATE_BYTES, 0))

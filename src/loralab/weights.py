@@ -90,7 +90,8 @@ def read_safetensors(path: Path, what: str) -> tuple[dict[str, torch.Tensor], di
         raise ArtifactError(f"{short(path)} is not a readable safetensors {what} ({str(err)[:60]}); pass a file written by loralab") from None
     if wrong := next((name for name, t in tensors.items() if not t.is_floating_point()), None):
         # load_state_dict would cast int8 or bool to float without a word, and the run "work".
-        raise ArtifactError(f"{short(path)} holds {tensors[wrong].dtype} tensor {wrong!r}, not floating-point weights; pass a file loralab or PEFT wrote")
+        writers = "loralab or PEFT" if what == "adapter" else "loralab"
+        raise ArtifactError(f"{short(path)} holds {tensors[wrong].dtype} tensor {wrong!r}, not floating-point weights; pass a {what} {writers} wrote")
     found = non_finite(tensors)
     if found:
         raise ArtifactError(f"{short(path)} holds non-finite values in {found}: pass another {what}, or train it again")
