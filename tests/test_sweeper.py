@@ -1,14 +1,19 @@
 """loralab's sweeper (src/hydra_plugins/loralab_sweeper.py): each distinct override composed once
-before the first job, so a bad value still fails the sweep before any job runs."""
+before the first job, so a bad value still fails the sweep before any job runs; and each job
+launched from a shared composition, to the same config Hydra composes for it."""
 
 from __future__ import annotations
 
 import itertools
 
 from hydra import compose, initialize_config_dir
+from hydra._internal.config_loader_impl import ConfigLoaderImpl
+from hydra._internal.utils import create_config_search_path
+from hydra.types import RunMode
+from omegaconf import OmegaConf
 
 from conftest import CONF, train_py
-from hydra_plugins.loralab_sweeper import covering
+from hydra_plugins.loralab_sweeper import SharedCompositions, covering
 
 
 def test_covering_holds_every_override_in_at_most_the_sum_of_the_axes():
@@ -33,3 +38,22 @@ def test_a_bad_value_last_in_an_axis_fails_before_the_first_job(tmp_path, pretra
     assert done.returncode != 0
     assert "no_such_arm" in done.stderr
     assert not list(tmp_path.rglob("metrics.json"))  # no job ran
+
+
+def test_a_shared_composition_gives_each_job_hydras_own_config(tmp_path):
+    """Every job of a slice of experiment=frontier and experiment=combine, from the shared
+    compositions, against Hydra composing it afresh: the config as written (interpolations and the
+    hydra node, overrides and override_dirname included) and the job's config resolved."""
+    loader = ConfigLoaderImpl(config_search_path=create_config_search_path(str(CONF)))
+    for experiment, groups in (("frontier", ["arm=lora_r1", "arm=dora", "arm=full"]), ("combine", ["task=d8", "task=union"])):
+        command = [f"experiment={experiment}", f"base={tmp_path}"]
+        master = loader.load_configuration("config", overrides=command, run_mode=RunMode.MULTIRUN)
+        shared = SharedCompositions(loader)
+        for job in itertools.product(groups, ["lr_step=-1", "lr_step=1"], ["seed=0", "seed=3"]):
+            overrides = [*command, *job]
+            ours, hydras = shared.load_sweep_config(master, overrides), loader.load_sweep_config(master, overrides)
+            assert OmegaConf.to_container(ours) == OmegaConf.to_container(hydras), job
+            task = [key for key in ours if key != "hydra"]
+            assert OmegaConf.to_container(OmegaConf.masked_copy(ours, task), resolve=True) == \
+                OmegaConf.to_container(OmegaConf.masked_copy(hydras, task), resolve=True), job
+        assert len(shared.composed) == len(groups)  # one composition per choice of config groups

@@ -60,15 +60,27 @@ def configure_process(flush_denormal: bool) -> None:
     watch_writer_threads()
 
 
+_swept_keys: dict[Path, tuple[str, ...]] = {}
+
+
+def swept_on_command_line(recorded: Path) -> tuple[str, ...]:
+    """The keys a sweep's command line sweeps, read once per sweep: its multirun.yaml holds the
+    whole config, and reading it for every job cost about 0.08 s a job (docs/benchmarks.md, section 14)."""
+    if recorded not in _swept_keys:
+        if not recorded.exists():
+            return ()
+        command_line = list(OmegaConf.load(recorded).hydra.overrides.task)
+        _swept_keys[recorded] = tuple(o.key_or_group for o in OverridesParser.create().parse_overrides(command_line) if o.is_sweep_override())
+    return _swept_keys[recorded]
+
+
 def swept_values(hydra_cfg: DictConfig) -> dict:
     """This sweep job's values of the keys its sweep varies: {"lora.rank": 2} for the second job
     of ``lora.rank=1,2,4 -m``. A job's own overrides hold every key, swept or not; the sweep's
     command line is in multirun.yaml (Hydra's basic sweeper writes it before launching any job,
     whatever the launcher), and experiment configs sweep through hydra.sweeper.params."""
     parser = OverridesParser.create()
-    recorded = Path(hydra_cfg.sweep.dir) / "multirun.yaml"
-    command_line = list(OmegaConf.load(recorded).hydra.overrides.task) if recorded.exists() else []
-    swept = [o.key_or_group for o in parser.parse_overrides(command_line) if o.is_sweep_override()]
+    swept = list(swept_on_command_line(Path(hydra_cfg.sweep.dir) / "multirun.yaml"))
     swept += list(hydra_cfg.sweeper.get("params") or {})
     job = {o.key_or_group: o.value() for o in parser.parse_overrides(list(hydra_cfg.overrides.task))}
     return {key: job[key] if isinstance(job[key], (bool, int, float, str)) else str(job[key])
