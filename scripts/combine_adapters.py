@@ -16,7 +16,6 @@ holds the sum.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
@@ -28,7 +27,7 @@ import torch
 
 from loralab.adapter import apply_adapter, check_fits, save_adapter
 from loralab.combine import METHODS, ON_DELTAS, Adapter, Recipe, check_compatible, combine, read
-from loralab.errors import ArtifactError, LoralabError
+from loralab.errors import ArgumentParser, ArtifactError, LoralabError
 from loralab.files import short
 from loralab.inject import linear_layers, remove_lora
 from loralab.runs import BASE_FILE
@@ -95,7 +94,7 @@ def run(base: Path, out: Path, sources: list[Path], recipe: Recipe, sizes: list[
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("base", type=Path)
     parser.add_argument("out", type=Path)
     parser.add_argument("adapters", type=Path, nargs="*")

@@ -9,13 +9,12 @@ re-running anything (loralab.selection says what it is). --claims prints, for ex
 arms, what the sweep says of four published claims (docs/results.md's table).
 """
 
-import argparse
 import math
 import statistics
 import sys
 from pathlib import Path
 
-from loralab.errors import ArtifactError
+from loralab.errors import ArgumentParser, ArtifactError
 from loralab.plots import write_frontier
 from loralab.runs import finished_runs
 from loralab.selection import Arm, Selection, arms
@@ -67,7 +66,7 @@ def claims(arm_list: list[Arm], rule: Selection) -> str:
     return "\n".join(rows) + "\n"
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sweep_dir", type=Path)
     parser.add_argument("--budget", type=float, default=Selection().budget,
                         help="forgetting allowed free, as a share of the other digits' validation images (default %(default)s)")

@@ -11,14 +11,13 @@ and, as PEFT's ``safe_merge``, a merge that gives NaN or inf weights is refused 
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 
 from loralab import load_adapter, remove_lora
-from loralab.errors import ArtifactError, LoralabError
+from loralab.errors import ArgumentParser, ArtifactError, LoralabError
 from loralab.files import short
 from loralab.runs import BASE_FILE
 from loralab.weights import load_base, non_finite, save_base
@@ -51,7 +50,7 @@ def merge(base: Path, adapter: Path, out: Path, sizes: list[int], name: str) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("base", type=Path)
     parser.add_argument("adapter", type=Path)
     parser.add_argument("out", type=Path)

@@ -11,7 +11,6 @@ the adapter's scale*B@A is plotted beside it (rank r by construction).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from loralab import load_adapter, lora_layers, read_run  # noqa: E402
-from loralab.errors import LoralabError  # noqa: E402
+from loralab.errors import ArgumentParser, LoralabError  # noqa: E402
 from loralab.files import short  # noqa: E402
 from loralab.runs import BASE_FILE, FULL_FILE  # noqa: E402
 from loralab.weights import load_base  # noqa: E402
@@ -73,7 +72,7 @@ def effective_rank(s: torch.Tensor, energy: float = 0.9) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full", type=Path)
     parser.add_argument("--adapter", type=Path)
     parser.add_argument("--out", type=Path, default=Path("svd.png"))

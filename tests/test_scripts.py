@@ -1,6 +1,6 @@
 """The report and SVD-demo scripts on real runs."""
 
-from conftest import ROOT, SLICE, run, script
+from conftest import ROOT, SLICE, assert_one_line_error, run, script
 
 
 def test_report_writes_figures_and_markdown(finetuned, pretrained, outputs, tmp_path):
@@ -27,3 +27,13 @@ def test_svd_demo(finetuned, pretrained, outputs, tmp_path):
     assert "numbers stored: 100 -> 40" in done.stdout and "max |y - y'|" in done.stdout
     assert "full linear2" in done.stdout and "LoRA linear1: 90 % of the update's energy lies in its top 1" in done.stdout
     assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_scripts_usage_error_is_one_line(tmp_path):
+    for name, args, fragment in [("merge_adapter.py", [], "the following arguments are required: base, adapter, out"),
+                                 ("combine_adapters.py", [tmp_path, tmp_path / "out", "--weights", "x"], "invalid float value: 'x'"),
+                                 ("frontier.py", ["--budget"], "expected one argument"),
+                                 ("svd_demo.py", ["--bogus"], "unrecognized arguments: --bogus")]:
+        done = script(ROOT / "scripts" / name, *args)
+        assert_one_line_error(done, fragment, f"see {name} --help")
+        assert done.returncode == 2 and "usage:" not in done.stderr

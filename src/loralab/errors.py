@@ -1,5 +1,8 @@
 """The errors a user can cause and fix: the CLI prints each as one line, with no traceback."""
 
+import argparse
+import sys
+
 
 class LoralabError(Exception):
     """A problem with the user's input (config value, path, file), worded as problem plus fix."""
@@ -20,3 +23,12 @@ class ArtifactError(LoralabError):
 
 class DivergedError(LoralabError):
     """Training produced a NaN or infinite loss: the settings (often the learning rate) need changing."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """The scripts' parser: a usage error ends as every loralab error does, in one line and exit 2,
+    not argparse's usage block above it."""
+
+    def error(self, message: str):
+        print(f"error: {message}; see {self.prog} --help", file=sys.stderr)
+        sys.exit(2)
