@@ -87,6 +87,10 @@ def swept_values(hydra_cfg: DictConfig) -> dict:
             for key in dict.fromkeys(swept) if key in job}
 
 
+def disk_full_line(err: OSError) -> str:
+    return f"the disk is full or a file-size limit was reached ({err.strerror}); free some space and run again"
+
+
 # Set once Hydra has made a run dir and called run_job: an OSError before that is Hydra failing to
 # make the output directory the user named.
 _started = False
@@ -133,7 +137,7 @@ def run_job(cfg: DictConfig) -> float | None:
             mark_failed(run_dir, err)
             raise
         # A write outside loralab's own (Lightning's, TensorBoard's) on a full disk: not a bug.
-        print(f"error: the disk is full or a file-size limit was reached ({err.strerror}); free some space and run again", file=sys.stderr)
+        print(f"error: {disk_full_line(err)}", file=sys.stderr)
         sys.exit(2)
     except Exception as err:
         mark_failed(run_dir, err)  # a bug: its traceback follows
@@ -249,7 +253,7 @@ def main(hydra_main, conf: Path) -> None:
         if _started or "debug=true" in args:
             raise
         if err.errno in DISK_FULL:  # Hydra writing .hydra/ into the run dir
-            print(f"error: the disk is full or a file-size limit was reached ({err.strerror}); free some space and run again", file=sys.stderr)
+            print(f"error: {disk_full_line(err)}", file=sys.stderr)
             sys.exit(2)
         if not making_directories(err):
             raise

@@ -201,7 +201,7 @@ class Settings(Checked):
         check_trainer(self.trainer, self.data.batch_size)
         limit = self.trainer.get("limit_test_batches")
         batches = -(-MNIST_TEST_IMAGES // self.data.eval_batch_size)
-        if isinstance(limit, (int, float)) and not isinstance(limit, bool) and (min(batches, limit) if isinstance(limit, int) else int(batches * limit)) == 0:
+        if batches_left(batches, limit) == 0:
             # Every stage's results are its test: none would leave metrics.json without them.
             raise invalid("trainer.limit_test_batches", limit, f"leaves none of the {batches} test batches, and every result is a test; "
                           "raise it, or set it to null for all")
@@ -322,6 +322,14 @@ def flat(container: Any, prefix: str = "") -> dict[str, Any]:
     if not isinstance(container, dict):
         return {prefix[:-1]: container}
     return {k: v for key, value in container.items() for k, v in flat(value, f"{prefix}{key}.").items()}
+
+
+def batches_left(batches: int, limit) -> int:
+    """How many of ``batches`` a ``trainer.limit_*_batches`` value keeps, as Lightning counts them:
+    a count caps them, a fraction keeps that share rounded down, null keeps all."""
+    if not isinstance(limit, (int, float)) or isinstance(limit, bool):
+        return batches  # null, or a value Lightning's own check refuses
+    return min(batches, limit) if isinstance(limit, int) else int(batches * limit)
 
 
 def check_trainer(trainer: dict, batch_size: int) -> None:

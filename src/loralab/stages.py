@@ -21,7 +21,7 @@ from torch import nn
 from loralab.adapter import AdapterSet
 from loralab.callbacks import ResumeHint
 from loralab.classifier import Classifier
-from loralab.config import EvalSettings, FinetuneSettings, Job, PretrainSettings, Settings
+from loralab.config import EvalSettings, FinetuneSettings, Job, PretrainSettings, Settings, batches_left
 from loralab.dashboard import add_forgetting_chart, hp_results, log_hparams
 from loralab.data import MNISTDataModule
 from loralab.errors import ArtifactError, ConfigError, DataError
@@ -62,7 +62,7 @@ def check_batches(cfg: Settings, datamodule: MNISTDataModule) -> None:
         raise DataError(f"no training images of digits {datamodule.digits} are left once data.val_size={cfg.data.val_size} are held out; "
                         "lower data.val_size")
     limit = cfg.trainer.get("limit_train_batches")
-    if isinstance(limit, (int, float)) and (min(batches, limit) if isinstance(limit, int) else int(batches * limit)) == 0:
+    if batches_left(batches, limit) == 0:
         raise ConfigError(f"trainer.limit_train_batches={limit} leaves none of the {batches} training batches, so nothing would train; "
                           "raise it, or set it to null for all")
     check_trainer_args(trainer_kwargs(cfg.trainer), train_batches=batches)
