@@ -46,6 +46,8 @@ def test_sweep_bench_times_a_sweep_against_its_floor(tmp_path, pretrained):
     sweep = json.loads(out.read_text())["sweeps"]["variants"]
     assert sweep["jobs"] == 10 and 0 < sweep["floor_train_s"] < sweep["floor_s"] < sweep["wall_s"]
     assert sweep["ratio_to_floor"] == sweep["wall_s"] / sweep["floor_s"]
+    assert sweep["floor_train_s"] < sweep["base_eval_floor_s"] and sweep["floor_eval_s"] > 0
+    assert sweep["ratio_to_base_eval_floor"] == sweep["wall_s"] / sweep["base_eval_floor_s"]
 
 
 def test_gpu_check_without_a_gpu_runs_its_cpu_side(tmp_path):

@@ -2,6 +2,9 @@
 
 import hashlib
 import json
+import os
+import struct
+import time
 
 import pytest
 import torch
@@ -13,6 +16,7 @@ from loralab import count_parameters, set_lora_enabled
 from loralab.adapter import load_adapter
 from loralab.classifier import Classifier
 from loralab.data import MNISTDataModule
+from loralab.files import FileMemo
 from loralab.methods import BaseChangedError
 from loralab.weights import fingerprint, load_base
 
@@ -79,6 +83,28 @@ def test_finetune_writes_the_contract(finetuned, pretrained):
     assert metrics["base_file_sha256"] == hashlib.sha256((base_dir / "base.safetensors").read_bytes()).hexdigest()
     assert metrics["test"] != metrics["test_base"]  # the adapter did something
     assert (run_dir / "adapter_model.safetensors").stat().st_size < 40_000
+
+
+def test_a_base_rewritten_in_place_is_hashed_anew(pretrained, outputs, tmp_path):
+    """A process keeps a base file's sha256 and its weights' fingerprint while the file is
+    unchanged (a sweep's jobs read one base). Rewritten in place, same size and mtime, the next
+    run in the same process reports the new file's."""
+    base = tmp_path / "base.safetensors"
+    base.write_bytes((pretrained[1] / "base.safetensors").read_bytes())
+    time.sleep(FileMemo.SETTLED_NS / 1e9 + 0.1)  # kept only once settled
+    job = [*SLICE, "stage=finetune", "trainer.max_steps=2", "trainer.val_check_interval=2", f"base={base}"]
+    first, _ = run(job, outputs, "rewritten-1")
+    again, _ = run(job, outputs, "rewritten-2")
+    assert again["base_file_sha256"] == first["base_file_sha256"] == hashlib.sha256(base.read_bytes()).hexdigest()
+
+    before = base.stat()
+    with open(base, "r+b") as handle:  # the last bias of linear3, made 0.5: same size, same inode
+        handle.seek(-4, 2)
+        handle.write(struct.pack("<f", 0.5))
+    os.utime(base, ns=(before.st_atime_ns, before.st_mtime_ns))
+    rewritten, _ = run(job, outputs, "rewritten-3")
+    assert rewritten["base_file_sha256"] == hashlib.sha256(base.read_bytes()).hexdigest() != first["base_file_sha256"]
+    assert rewritten["base_sha256"] == fingerprint(load_base(base, EXPENSIVE)[0]) != first["base_sha256"]
 
 
 def test_finetune_logs_target_and_other_digit_errors(finetuned):

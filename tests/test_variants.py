@@ -22,6 +22,7 @@ from loralab import (
     unmerge_lora,
 )
 from loralab.classifier import Classifier
+from loralab.variants import SVDS, SVDS_KEPT, singular_triplets
 
 peft = pytest.importorskip("peft")  # a dev dependency: installed by `make test`
 
@@ -177,6 +178,31 @@ def test_pissa_starts_on_the_principal_part_as_peft_does(variant):
         assert torch.allclose(torch.linalg.svdvals(weight - principal)[: len(singular) - 2], singular[2:], atol=1e-5)
         assert torch.allclose(peft_layer.base_layer.weight, weight - principal, atol=1e-6)
         assert torch.equal(layer.base_layer.weight, weight)  # W is never rewritten
+
+
+def test_pissa_takes_each_weights_svd_once_and_never_anothers():
+    """A sweep's PiSSA jobs start from one base: its SVD is taken once. A weight differing in one
+    bit (here the sign of a zero) gets its own SVD, equal to a fresh one."""
+    SVDS.clear()
+    first = adapted("pissa", trained=False)
+    kept = list(SVDS)
+    assert len(kept) == len(ALL_LAYERS)
+    again = adapted("pissa", trained=False)
+    assert [svd for _, svd in SVDS] == [svd for _, svd in kept]  # the same tensors: no SVD was taken
+    for (name, layer), other in zip(lora_layers(first).items(), lora_layers(again).values()):
+        assert torch.equal(layer.lora_A0, other.lora_A0) and torch.equal(layer.lora_B0, other.lora_B0), name
+
+    changed = base_model()
+    with torch.no_grad():
+        changed.linear1.weight[0, 0] = 0.0
+    zeroed = changed.linear1.weight.detach().clone()
+    zeroed[0, 0] = -0.0
+    singular_triplets(changed.linear1.weight.detach())
+    for weight in (zeroed, zeroed * 2):
+        u, s, vh = singular_triplets(weight)
+        fresh = torch.linalg.svd(weight, full_matrices=False)
+        assert torch.equal(u, fresh.U) and torch.equal(s, fresh.S) and torch.equal(vh, fresh.Vh)
+    assert len(SVDS) == min(len(ALL_LAYERS) + 3, SVDS_KEPT)
 
 
 def test_pissa_start_stays_frozen_while_a_and_b_train():

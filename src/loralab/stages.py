@@ -4,6 +4,7 @@ the contract with users, scripts and tests."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import resource
 import statistics
@@ -77,6 +78,14 @@ def fit_callbacks(run_dir: Path, module: Classifier, extra: list = ()) -> list:
 
 
 def provenance() -> dict:
+    """The installed versions and the git commit, read once per process: a process runs the code it
+    imported, whatever is committed while its sweep runs (whose 225 jobs would spawn git 225 times)."""
+    versions, commit = code_identity()
+    return {"versions": dict(versions), "git_commit": commit}
+
+
+@functools.cache
+def code_identity() -> tuple[tuple[tuple[str, str | None], ...], str | None]:
     versions = {}
     for name in PACKAGES:
         try:
@@ -87,7 +96,7 @@ def provenance() -> dict:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         commit = None
-    return {"versions": versions, "git_commit": commit}
+    return tuple(versions.items()), commit
 
 
 def peak_rss_bytes() -> int:

@@ -118,7 +118,7 @@ class PiSSA(Update):
         return {"lora_A0": (rank, n_in), "lora_B0": (n_out, rank)}
 
     def reset(self, layer):
-        u, s, vh = torch.linalg.svd(layer.base_layer.weight.float(), full_matrices=False)
+        u, s, vh = singular_triplets(layer.base_layer.weight.float())
         root = torch.sqrt(s[: layer.rank] / layer.scale)
         layer.lora_A.copy_(root[:, None] * vh[: layer.rank])
         layer.lora_B.copy_(u[:, : layer.rank] * root[None, :])
@@ -140,6 +140,30 @@ class PiSSA(Update):
         # B' A' = B A - B0 A0 at rank 2r (LoRASpec.saved_rank and to_peft_config keep the scale).
         return tensors | {"lora_A": torch.cat([layer.lora_A, layer.lora_A0]).detach(),
                           "lora_B": torch.cat([layer.lora_B, -layer.lora_B0], dim=1).detach()}
+
+
+# The SVDs PiSSA has taken, each with the weight it factorised: every PiSSA job of a sweep starts
+# from the same base, and the SVD of ExpensiveNet's three weights takes about 0.25 s, as long as the
+# job's 100 training steps (docs/benchmarks.md section 14).
+SVDS: list[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = []
+SVDS_KEPT = 6  # two bases of three layers
+
+
+def singular_triplets(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch.linalg.svd(weight, full_matrices=False)``, computed once per weight: a weight equal
+    bit for bit to one factorised before gets that SVD back (the same as computing it again)."""
+    for kept, svd in SVDS:
+        if kept.shape == weight.shape and kept.dtype == weight.dtype and kept.device == weight.device and torch.equal(bits(kept), bits(weight)):
+            return svd
+    svd = tuple(torch.linalg.svd(weight, full_matrices=False))
+    SVDS.append((weight.detach().clone(), svd))
+    del SVDS[:-SVDS_KEPT]
+    return svd
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s bytes: torch.equal on floats takes -0.0 for 0.0 and never matches a NaN."""
+    return t.detach().contiguous().view(torch.uint8)
 
 
 class DoRA(Output):

@@ -16,7 +16,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from loralab.errors import ArtifactError
-from loralab.files import regular_file, short, write_safetensors
+from loralab.files import FileMemo, regular_file, short, write_safetensors
 from loralab.lora import is_lora_name
 from loralab.model import MLP
 from loralab.quant import held_bytes, quantize, stored
@@ -50,12 +50,20 @@ def fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
+# Per process, by file: a sweep's jobs hash the same base file before and after training, and
+# fingerprint the weights it loads to.
+FILE_SHAS, WEIGHTS_SHAS = FileMemo(), FileMemo()
+
+
 def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:  # read-only: a base file is never opened for writing here
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    def read() -> str:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:  # read-only: a base file is never opened for writing here
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest()
+
+    return FILE_SHAS.get(path, read)
 
 
 def save_base(model: MLP, path: str | Path, name: str) -> str:
@@ -155,8 +163,17 @@ class HeldBase:
 
 def hold_base(path: str | Path, sizes: list[int], quant: QuantConfig) -> tuple[MLP, dict, HeldBase]:
     """``load_base``, then the weights stored as ``quant`` says (loralab.quant)."""
-    model, meta = load_base(path, sizes)
-    weights_sha, fp32 = fingerprint(model), held_bytes(model)
+    loaded = []
+
+    def load() -> str:
+        loaded.append(load_base(path, sizes))
+        return fingerprint(loaded[0][0])
+
+    # Loaded every time (a job trains its own copy), fingerprinted once per file. Should the file
+    # change between the two, stages.check_base_file sees it and fails the run.
+    weights_sha = WEIGHTS_SHAS.get(path, load)
+    model, meta = loaded[0] if loaded else load_base(path, sizes)
+    fp32 = held_bytes(model)
     blocks = quantize(model, quant)
     if quant.format == "none":
         return model, meta, HeldBase(quant.format, blocks, weights_sha, weights_sha, fp32, fp32)
