@@ -107,6 +107,28 @@ def test_a_base_rewritten_in_place_is_hashed_anew(pretrained, outputs, tmp_path)
     assert rewritten["base_sha256"] == fingerprint(load_base(base, EXPENSIVE)[0]) != first["base_sha256"]
 
 
+def test_a_file_memo_keeps_values_only_for_settled_unchanged_bytes(tmp_path):
+    """A value is kept for a file's stamp once the file is a second old, and a value worked out from
+    bytes read before the file changed is never kept for the file as it is now."""
+    path = tmp_path / "file"
+    path.write_bytes(b"one")
+    memo, reads = FileMemo(), []
+
+    def read() -> bytes:
+        reads.append(path.read_bytes())
+        return reads[-1]
+
+    assert memo.get(path, read) == memo.get(path, read) == b"one" and len(reads) == 2  # too fresh to keep
+    time.sleep(FileMemo.SETTLED_NS / 1e9 + 0.1)
+    assert memo.get(path, read) == memo.get(path, read) == b"one" and len(reads) == 3  # kept
+    read_at = FileMemo.stamp(path)
+    with open(path, "r+b") as handle:
+        handle.write(b"two")
+    time.sleep(FileMemo.SETTLED_NS / 1e9 + 0.1)  # settled again: only read_at says the value is the old bytes'
+    assert memo.get(path, lambda: b"one, as read before", read_at) == b"one, as read before"
+    assert memo.get(path, read) == b"two" and len(reads) == 4
+
+
 def test_finetune_logs_target_and_other_digit_errors(finetuned):
     tags = scalar_tags(finetuned[1])
     assert {"val/err_target", "val/err_other", "test/err_target", "test/err_other", "test_base/err_target"} <= tags

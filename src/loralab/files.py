@@ -59,12 +59,16 @@ class FileMemo:
         st = os.stat(path)
         return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
-    def get(self, path: str | Path, compute: Callable[[], Any]) -> Any:
-        """The value ``compute`` (which reads ``path``) gave for these bytes, or its new value."""
+    def get(self, path: str | Path, compute: Callable[[], Any], read_at: tuple[int, ...] | None = None) -> Any:
+        """The value ``compute`` gives for the file's bytes as they are, kept for them. ``compute``
+        reads ``path``; or, given ``read_at``, works on what was read when the file had that stamp,
+        which is kept only if the file has not changed since."""
         try:
             stamp = self.stamp(path)
         except OSError:
             return compute()  # whose own error names the problem
+        if read_at is not None and read_at != stamp:
+            return compute()
         if stamp in self.values:
             return self.values[stamp]
         value = compute()

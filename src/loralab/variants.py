@@ -143,7 +143,7 @@ class PiSSA(Update):
 
 
 # The SVDs PiSSA has taken, each with the weight it factorised: every PiSSA job of a sweep starts
-# from the same base, and the SVD of ExpensiveNet's three weights takes about 0.25 s, as long as the
+# from the same base, and the SVD of ExpensiveNet's three weights takes about 0.3 s, longer than the
 # job's 100 training steps (docs/benchmarks.md section 14).
 SVDS: list[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = []
 SVDS_KEPT = 6  # two bases of three layers

@@ -163,17 +163,13 @@ class HeldBase:
 
 def hold_base(path: str | Path, sizes: list[int], quant: QuantConfig) -> tuple[MLP, dict, HeldBase]:
     """``load_base``, then the weights stored as ``quant`` says (loralab.quant)."""
-    loaded = []
-
-    def load() -> str:
-        loaded.append(load_base(path, sizes))
-        return fingerprint(loaded[0][0])
-
-    # Loaded every time (a job trains its own copy), fingerprinted once per file. Should the file
-    # change between the two, stages.check_base_file sees it and fails the run.
-    weights_sha = WEIGHTS_SHAS.get(path, load)
-    model, meta = loaded[0] if loaded else load_base(path, sizes)
-    fp32 = held_bytes(model)
+    try:
+        read_at = FileMemo.stamp(path)
+    except OSError:
+        read_at = None  # load_base says what is wrong
+    # Loaded every time (a job trains its own copy), fingerprinted once per file unchanged.
+    model, meta = load_base(path, sizes)
+    weights_sha, fp32 = WEIGHTS_SHAS.get(path, lambda: fingerprint(model), read_at), held_bytes(model)
     blocks = quantize(model, quant)
     if quant.format == "none":
         return model, meta, HeldBase(quant.format, blocks, weights_sha, weights_sha, fp32, fp32)
