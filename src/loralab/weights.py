@@ -169,7 +169,8 @@ def hold_base(path: str | Path, sizes: list[int], quant: QuantConfig) -> tuple[M
         read_at = None  # load_base says what is wrong
     # Loaded every time (a job trains its own copy), fingerprinted once per file unchanged.
     model, meta = load_base(path, sizes)
-    weights_sha, fp32 = WEIGHTS_SHAS.get(path, lambda: fingerprint(model), read_at), held_bytes(model)
+    weights_sha = WEIGHTS_SHAS.get(path, lambda: fingerprint(model), read_at) if read_at else fingerprint(model)
+    fp32 = held_bytes(model)
     blocks = quantize(model, quant)
     if quant.format == "none":
         return model, meta, HeldBase(quant.format, blocks, weights_sha, weights_sha, fp32, fp32)
